@@ -1,0 +1,21 @@
+"""softkd: knowledge distillation for PyTorch that says what distillation bought you."""
+
+__version__ = "0.1.0"
+
+from softkd.config import RunConfig, load_config
+from softkd.data import ArrayDataset, build_dataset, build_loader, keep_labels
+from softkd.errors import SoftKDError
+from softkd.evaluate.metrics import evaluate
+from softkd.losses import kd_objective, soft_target_kl, soften, validate_soft_targets
+from softkd.methods import SoftTarget, Supervised, build_objective
+from softkd.models import Teacher, build_model, list_models
+from softkd.pipeline import run_experiment
+from softkd.train.distill import distill
+from softkd.train.loop import FitResult, fit
+
+__all__ = [
+    "ArrayDataset", "FitResult", "RunConfig", "SoftKDError", "SoftTarget", "Supervised", "Teacher",
+    "__version__", "build_dataset", "build_loader", "build_model", "build_objective", "distill",
+    "evaluate", "fit", "kd_objective", "keep_labels", "list_models", "load_config", "run_experiment",
+    "soft_target_kl", "soften", "validate_soft_targets",
+]

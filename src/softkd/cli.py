@@ -1,0 +1,174 @@
+"""The ``softkd`` command: a thin layer that parses arguments and calls the library.
+
+Every error a user can cause prints one line and exits with code 2 (``SOFTKD_DEBUG=1`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from softkd.errors import DataError, SoftKDError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="softkd: knowledge distillation with honest baselines.")
+console = Console()
+errors = Console(stderr=True)
+
+SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
+
+
+def _user_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SoftKDError as exc:
+            if os.environ.get("SOFTKD_DEBUG") == "1":
+                raise
+            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (a fresh -2, -3... if it is taken)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Run the whole pipeline on the bundled digits data: teacher, then scratch vs distilled
+    students (3 seeds, all labels and 10% labels), and print the comparison.
+
+    Example: softkd demo --set method.temperature=2
+    """
+    from softkd.config import load_config
+
+    with resources.as_file(resources.files("softkd") / "recipes" / "demo.yaml") as recipe:
+        config = load_config(recipe, set_)
+    _run(config, out)
+
+
+@app.command()
+@_user_errors
+def run(
+    config: Path = typer.Argument(..., help="YAML run config (see configs/)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
+):
+    """Run a config: train (or load) the teacher, produce and validate soft labels, train the
+    scratch and distilled students for every seed and regime, evaluate, and write the report.
+
+    Example: softkd run configs/soft-target-mlp16_from_tinycnn32-digits.yaml --set train.seeds=[0]
+    """
+    from softkd.config import load_config
+
+    cfg = load_config(config, set_)
+    _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem))
+
+
+def _run(config, out: Path) -> None:
+    from softkd.pipeline import run_experiment
+    from softkd.report.summary import HEADERS, table_rows
+    from softkd.utils import fresh_dir
+
+    out = fresh_dir(out)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=errors, transient=True) as progress:
+        report = run_experiment(config, out_dir=out, progress=progress)
+    student = next(iter(report["students"]))
+    table = Table(title=f"{student} ← {report['teacher']['model']} on {report['data']['name']}: test accuracy % "
+                        f"({report['data']['test']} samples), mean ± std over {len(report['seeds'])} seed(s)")
+    rows = table_rows(report)
+    for header in HEADERS[1:-2]:  # student in the title; params and verdict as sentences below
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row[1:-2])
+    console.print(table)
+    for row in rows:
+        console.print(f"{row[0]}, {row[1]}: {row[-1]} (params student / teacher: {row[-2]})", highlight=False)
+    console.print(f"Run directory: {out} (config.yaml, metrics.jsonl, report.json, report.md)")
+
+
+@app.command()
+@_user_errors
+def validate(
+    path: Path = typer.Argument(..., help="A YAML run config, or soft labels (.npy, .npz or .pt; shape (N, C))."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Check a run config without running it, or check that a soft-label file is a feasible
+    distribution (finite, in [0, 1], rows summing to 1).
+
+    Examples: softkd validate configs/soft-target-mlp16_from_tinycnn32-digits.yaml;
+    softkd validate soft_labels.npy
+    """
+    if path.suffix in (".npy", ".npz", ".pt"):
+        from softkd.losses.logits import validate_soft_targets
+
+        soft = validate_soft_targets(_load_array(path))
+        console.print(f"OK: {path} holds {soft.shape[0]} feasible soft-label rows over {soft.shape[-1]} classes.")
+        return
+    from softkd.config import load_config
+
+    cfg = load_config(path, set_)
+    console.print(f"OK: {path} is a valid run config (data {cfg.data.name}, teacher {cfg.teacher.model}, "
+                  f"student {cfg.student.model}, method {cfg.method.name}).")
+
+
+def _load_array(path: Path):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise DataError(f"File '{path}' not found.")
+    try:
+        if path.suffix == ".pt":
+            value = torch.load(path, weights_only=True)
+        else:
+            value = np.load(path, allow_pickle=False)
+            if path.suffix == ".npz":
+                keys = list(value.keys())
+                key = "soft_targets" if "soft_targets" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise DataError(f"'{path}' holds arrays {keys}; name the soft labels 'soft_targets'.")
+                value = value[key]
+    except (ValueError, OSError, RuntimeError, EOFError) as exc:
+        raise DataError(f"Cannot read '{path}': {str(exc).splitlines()[0]}") from None
+    if isinstance(value, dict) or not hasattr(value, "shape"):
+        raise DataError(f"'{path}' must hold one (N, C) array of soft labels; got {type(value).__name__}.")
+    return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+
+
+@app.command("ls")
+@_user_errors
+def ls(what: str = typer.Argument("models", help="models, datasets or methods")):
+    """List the registered models (with parameter counts on 1×28×28, 10 classes), datasets or methods."""
+    from softkd.data.datasets import DATASETS
+    from softkd.methods import OBJECTIVES
+    from softkd.models.zoo import MODELS
+
+    registries = {"models": MODELS, "datasets": DATASETS, "methods": OBJECTIVES}
+    if what not in registries:
+        raise SoftKDError(f"Cannot list '{what}'; use one of: {', '.join(registries)}.")
+    registry = registries[what]
+    for name in registry.names():
+        aliases = [a for a, target in registry.aliases().items() if target == name]
+        console.print(name + (f"  (alias: {', '.join(aliases)})" if aliases else ""), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

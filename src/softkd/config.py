@@ -1,0 +1,186 @@
+"""A run's configuration: pydantic models for each section, YAML loading and ``--set`` overrides.
+
+Unknown keys are an error with a "did you mean"; every error is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from softkd.errors import ConfigError, UnknownNameError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    dir: str | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    labeled_fraction: float | list[float] = 1.0
+    """One fraction, or several: each is a regime run and reported side by side."""
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from softkd.data.datasets import DATASETS
+
+        return _registered(DATASETS, name)
+
+    @field_validator("labeled_fraction")
+    @classmethod
+    def _fractions(cls, value):
+        for f in value if isinstance(value, list) else [value]:
+            if not 0 < f <= 1:
+                raise ValueError(f"must be in (0, 1]; got {f}")
+        if isinstance(value, list) and not value:
+            raise ValueError("must list at least one fraction")
+        return value
+
+    @property
+    def fractions(self) -> list[float]:
+        return self.labeled_fraction if isinstance(self.labeled_fraction, list) else [self.labeled_fraction]
+
+
+def _registered(registry, name: str) -> str:
+    try:
+        registry.resolve(name)
+    except UnknownNameError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
+
+def _known_model(name: str) -> str:
+    from softkd.models.zoo import MODELS
+
+    return _registered(MODELS, name)
+
+
+class TeacherConfig(_Section):
+    model: str = "hinton-mlp-1200"
+    checkpoint: str | None = None
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=1)
+
+    _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
+
+
+class StudentConfig(_Section):
+    model: str = "mlp-16"
+
+    _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
+
+
+class MethodConfig(_Section):
+    name: str = "soft-target"
+    temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
+    beta: float = Field(0.9, gt=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from softkd.methods import OBJECTIVES
+
+        return _registered(OBJECTIVES, name)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    """λ: the weight of R(θ) = ½‖w‖² on weights (not norms and biases), applied as weight decay."""
+    patience: int | None = Field(None, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    precision: Literal["fp32"] = "fp32"
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
+
+
+class OutputConfig(_Section):
+    dir: str | None = None
+    """Run directory; default ``runs/<config file name>``."""
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from the defaults) and apply ``a.b=c`` overrides."""
+    where = "--set overrides"
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' not found; give the path of a YAML run config (see configs/).")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"'{path}' is not valid YAML{line}: {getattr(exc, 'problem', exc)}.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"'{path}' must hold a mapping of sections (data, teacher, ...); got {type(raw).__name__}.")
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return config_from_dict(raw, where=where)
+
+
+def config_from_dict(raw: dict, *, where: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], where)) from None
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"Override '{override}' must look like section.key=value (e.g. method.temperature=2).")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{override}': '{part}' is a value, not a section.")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _describe(error: dict, where: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        model = RunConfig
+        for part in loc[:-1]:
+            model = model.model_fields[part].annotation
+        close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(model.model_fields)}."
+        return f"Unknown key '{dotted}' in {where}: {hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) or error["type"].startswith("unknown") else f"; got {got!r}"
+    if "Unknown " in message:  # registry errors already name the value and the fix
+        return f"{dotted} in {where}: {message}"
+    return f"The '{dotted}' in {where} is invalid: {message}{got_text}."
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,153 @@
+"""Datasets. Every item carries a stable sample id; labels are optional (-1 marks unlabeled).
+
+A dataset that fits in memory is an :class:`ArrayDataset`: one tensor of inputs, one of labels,
+batched by index with no per-item Python work (see :mod:`softkd.data.loader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from softkd.errors import DataError
+from softkd.losses.logits import UNLABELED
+from softkd.registry import Registry
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory samples: ``x`` (N, ...) float, ``y`` (N,) int64 with -1 for unlabeled, ``ids`` (N,)."""
+
+    def __init__(self, x, y=None, *, ids=None, num_classes: int | None = None, name: str = "arrays"):
+        x = torch.as_tensor(x)
+        if not x.is_floating_point():
+            x = x.float()
+        n = x.shape[0] if x.ndim else 0
+        if n == 0:
+            raise DataError(f"The dataset '{name}' is empty; give it at least one sample.")
+        y = torch.full((n,), UNLABELED, dtype=torch.long) if y is None else torch.as_tensor(y).long().reshape(-1)
+        ids = torch.arange(n) if ids is None else torch.as_tensor(ids).long().reshape(-1)
+        for what, t in (("labels", y), ("sample ids", ids)):
+            if t.shape[0] != n:
+                raise DataError(f"The dataset '{name}' has {n} inputs but {t.shape[0]} {what}; give one per input.")
+        labeled = y[y != UNLABELED]
+        if num_classes is None:
+            num_classes = int(labeled.max()) + 1 if labeled.numel() else None
+        if labeled.numel() and (labeled.min() < 0 or (num_classes is not None and labeled.max() >= num_classes)):
+            bad = labeled[(labeled < 0) | (labeled >= (num_classes or 0))]
+            raise DataError(
+                f"The dataset '{name}' has label {int(bad[0])} outside [0, {num_classes}) "
+                f"(use -1 for unlabeled samples)."
+            )
+        self.x, self.y, self.ids = x, y, ids
+        self.num_classes = num_classes
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index):
+        return {"x": self.x[index], "y": self.y[index], "id": self.ids[index]}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_labeled(self) -> int:
+        return int((self.y != UNLABELED).sum())
+
+    def subset(self, indices, *, name: str | None = None) -> "ArrayDataset":
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return ArrayDataset(
+            self.x[indices], self.y[indices], ids=self.ids[indices], num_classes=self.num_classes,
+            name=name or self.name,
+        )
+
+    def with_labels(self, y: torch.Tensor) -> "ArrayDataset":
+        return ArrayDataset(self.x, y, ids=self.ids, num_classes=self.num_classes, name=self.name)
+
+
+@dataclass
+class Splits:
+    """Train (the transfer set), validation (early stopping) and test (final reports only)."""
+
+    train: ArrayDataset
+    val: ArrayDataset | None
+    test: ArrayDataset
+
+
+DATASETS: Registry = Registry("dataset")
+
+
+def build_dataset(name: str, *, val_fraction: float = 0.1, seed: int = 0, **kwargs) -> Splits:
+    factory, parsed = DATASETS.resolve(name)
+    return factory(val_fraction=val_fraction, seed=seed, **parsed, **kwargs)
+
+
+@DATASETS.register("digits")
+def digits(*, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.2) -> Splits:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes); no download.
+
+    The test split is a fixed stratified 20 % (seed 0), so every run is scored on the same images;
+    the validation split is drawn from the rest by ``seed``.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    full = ArrayDataset(x, y, num_classes=10, name="digits")
+    rest, test = stratified_split(full.y, test_fraction, seed=0)
+    train_val = full.subset(rest, name="digits/train")
+    train, val = split_train_val(train_val, val_fraction, seed=seed)
+    return Splits(train=train, val=val, test=full.subset(test, name="digits/test"))
+
+
+def split_train_val(data: ArrayDataset, val_fraction: float, *, seed: int):
+    """Deterministic stratified split by seed; ``val_fraction == 0`` gives no validation set."""
+    if val_fraction <= 0:
+        return data, None
+    keep, held = stratified_split(data.y, val_fraction, seed=seed)
+    return data.subset(keep, name=f"{data.name}/train"), data.subset(held, name=f"{data.name}/val")
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out) with ``fraction`` of each class held out, deterministic in ``seed``."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"A split fraction must be in [0, 1); got {fraction}.")
+    g = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for c in torch.unique(labels):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_held = int(round(fraction * idx.numel()))
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+def keep_labels(data: ArrayDataset, fraction: float, *, seed: int) -> ArrayDataset:
+    """The same samples with labels kept on a seeded, stratified ``fraction`` and dropped (-1) on the rest."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"'labeled_fraction' must be in (0, 1]; got {fraction}.")
+    if fraction == 1:
+        return data
+    _, kept = stratified_split(data.y, fraction, seed=seed)
+    y = torch.full_like(data.y, UNLABELED)
+    y[kept] = data.y[kept]
+    return data.with_labels(y)
+
+
+def as_dataset(data, *, name: str = "data") -> torch.utils.data.Dataset | torch.utils.data.DataLoader:
+    """Accept an :class:`ArrayDataset`, a (x, y) tuple of arrays, any ``Dataset`` or a ``DataLoader``."""
+    if isinstance(data, (ArrayDataset, torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+        if isinstance(data, torch.utils.data.TensorDataset):
+            return ArrayDataset(*data.tensors[:2], name=name)
+        return data
+    if isinstance(data, (tuple, list)) and len(data) in (1, 2):
+        return ArrayDataset(*data, name=name)
+    raise DataError(
+        f"Cannot use {type(data).__name__} as {name}: give a torch Dataset, a DataLoader or an (x, y) tuple of arrays."
+    )

@@ -1,0 +1,12 @@
+"""Distillation losses."""
+
+from softkd.losses.logits import (
+    UNLABELED,
+    cross_entropy,
+    kd_objective,
+    soft_target_kl,
+    soften,
+    validate_soft_targets,
+)
+
+__all__ = ["UNLABELED", "cross_entropy", "kd_objective", "soft_target_kl", "soften", "validate_soft_targets"]

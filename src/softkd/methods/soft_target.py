@@ -1,0 +1,43 @@
+"""Soft-Target Distillation (Hinton, Vinyals & Dean 2015)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softkd.errors import InfeasibleSoftTargetsError
+from softkd.losses.logits import check_beta, check_temperature, kd_objective
+from softkd.methods.base import OBJECTIVES
+from softkd.models.teacher import Teacher
+
+
+@OBJECTIVES.register("soft-target", aliases=("soft-td",))
+class SoftTarget(nn.Module):
+    """(1 − β) · CE(s, y) + β · T² · KL(softmax(t/T) ‖ softmax(s/T)).
+
+    Teacher targets come from the batch when precomputed (``teacher_logits``, or validated
+    ``soft_targets`` probabilities), else from running the frozen teacher on the batch.
+    """
+
+    def __init__(self, *, teacher: nn.Module | None = None, temperature: float = 4.0, beta: float = 0.9):
+        super().__init__()
+        check_temperature(temperature)
+        check_beta(beta)
+        self.teacher = Teacher(teacher) if teacher is not None else None
+        self.temperature = temperature
+        self.beta = beta
+
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        student_logits = model(batch["x"])
+        teacher_logits = batch.get("teacher_logits")
+        soft_targets = batch.get("soft_targets")
+        if teacher_logits is None and soft_targets is None:
+            teacher_logits = self.teacher(batch["x"])
+            if not torch.isfinite(teacher_logits).all():
+                raise InfeasibleSoftTargetsError(
+                    "The teacher produced NaN or inf logits on a training batch; check its weights and inputs."
+                )
+        return kd_objective(
+            student_logits, batch["y"], teacher_logits, soft_targets=soft_targets,
+            temperature=self.temperature, beta=self.beta,
+        )

@@ -1,0 +1,37 @@
+"""Model weights as safetensors (no pickle), written atomically; state-dict ``.pt`` files are read
+with ``weights_only=True``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from softkd.errors import DataError, ShapeMismatchError
+from softkd.utils import atomic_write_bytes
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Checkpoint '{path}' not found; train a teacher first or fix 'teacher.checkpoint'.")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    except Exception as exc:  # corrupt or pickled-object files
+        raise DataError(f"Cannot read checkpoint '{path}': {str(exc).splitlines()[0]}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(keys[:5])}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys]
+        raise ShapeMismatchError(f"Checkpoint '{path}' does not fit the model ({'; '.join(parts)}).")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,63 @@
+"""distill(): Soft-Target Distillation of a student from a teacher, in one call.
+
+Pipeline (the original write-up): the teacher produces soft labels for the transfer set
+(labeled or not) → they are validated → the student trains on (1 − β)·CE + β·T²·KL + λ·R(θ)
+until convergence (patience) or the step budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softkd.data.datasets import ArrayDataset, as_dataset
+from softkd.data.loader import build_loader
+from softkd.errors import ConfigError, DataError
+from softkd.losses.logits import check_beta, check_temperature, soften, validate_soft_targets
+from softkd.methods.soft_target import SoftTarget
+from softkd.models.teacher import Teacher
+from softkd.train.checks import check_classes, num_outputs
+from softkd.train.loop import FitResult, fit
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_data,
+    *,
+    val_data=None,
+    temperature: float = 4.0,
+    beta: float = 0.9,
+    soft_targets: torch.Tensor | None = None,
+    **fit_kwargs,
+) -> FitResult:
+    """Distill ``teacher`` into ``student`` on the transfer set ``train_data``.
+
+    ``train_data``: a ``Dataset`` (items ``(x, y)``, ``x`` or dicts; label -1 = unlabeled), an
+    ``(x, y)`` tuple of tensors, or a ``DataLoader`` (then the teacher runs on every batch).
+    For datasets the teacher runs once over the transfer set and its soft labels are validated
+    before training. ``soft_targets`` (N, C) probabilities at temperature T may replace the
+    teacher. Other keyword arguments go to :func:`softkd.fit` (epochs, max_steps, patience, lr,
+    weight_decay = λ, ...). Returns a :class:`FitResult` whose ``model`` is the trained student.
+    """
+    check_temperature(temperature)
+    check_beta(beta)
+    if teacher is None and soft_targets is None:
+        raise ConfigError("distill() needs a teacher or precomputed 'soft_targets'; got neither.")
+    train = as_dataset(train_data, name="train_data")
+    teacher = Teacher(teacher) if teacher is not None else None
+    extras = None
+    if soft_targets is not None:
+        if isinstance(train, torch.utils.data.DataLoader):
+            raise DataError("'soft_targets' need a Dataset in a fixed order, not a DataLoader.")
+        soft_targets = validate_soft_targets(
+            torch.as_tensor(soft_targets).float(), num_classes=num_outputs(student, train), num_samples=len(train)
+        )
+        extras = {"soft_targets": soft_targets}
+    elif not isinstance(train, torch.utils.data.DataLoader):
+        teacher_logits = teacher.predict_logits(build_loader(train, batch_size=1024))
+        validate_soft_targets(soften(teacher_logits, temperature))
+        extras = {"teacher_logits": teacher_logits}
+    check_classes(student, teacher, train, soft_targets=soft_targets)
+    objective = SoftTarget(teacher=teacher, temperature=temperature, beta=beta)
+    return fit(student, train, objective=objective, val_data=val_data, extras=extras, **fit_kwargs)

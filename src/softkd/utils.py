@@ -1,0 +1,59 @@
+"""Small file helpers: atomic writes, run directories."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """``path`` if it does not exist or is empty, else the first free ``path-2``, ``path-3``, ...
+
+    Earlier runs are never overwritten.
+    """
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+@contextmanager
+def cpu_threads(n: int | None):
+    """Run with ``n`` torch CPU threads (None: leave as is), restoring the count afterwards.
+
+    Small models gain nothing from a second thread, and when another process holds a core the
+    threads spin against each other: the demo measured 34 s on 1 thread against 6 min on 2.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,116 @@
+"""The softkd command end to end on tiny settings: outputs, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from softkd.cli import app
+
+runner = CliRunner()
+TINY = ["--set", "teacher.epochs=2", "--set", "train.epochs=2", "--set", "train.seeds=[0,1]"]
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_demo_writes_a_complete_run_directory(tmp_path):
+    result = _invoke("demo", "--out", tmp_path / "demo", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "scratch" in result.output and "distilled" in result.output and "10% labels" in result.output
+    out = tmp_path / "demo"
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
+                                               "teacher.safetensors"}
+    report = json.loads((out / "report.json").read_text())
+    regime = report["students"]["mlp-16"]["regimes"]["10% labels"]
+    for kind in ("teacher", "scratch", "distilled"):
+        assert set(regime[kind]["accuracy"]) == {"mean", "std", "runs"}
+    assert len(regime["scratch"]["accuracy"]["runs"]) == 2
+    assert {"gap_recovered", "agreement", "ece", "params", "verdict"} <= set(regime)
+    assert report["config"]["method"]["temperature"] == 4.0 and report["versions"]["torch"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["stage"] for line in lines} == {"teacher", "scratch", "distilled"}
+    assert len(lines) == 2 + 2 * 2 * 2 * 2  # teacher epochs + regimes × seeds × kinds × epochs
+    again = _invoke("demo", "--out", out, *TINY)  # a second run never overwrites the first
+    assert again.exit_code == 0 and (tmp_path / "demo-2" / "report.json").is_file()
+
+
+def test_run_and_validate_a_config(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {labeled_fraction: 0.5}\nteacher: {model: mlp-32, epochs: 2}\n"
+                      "train: {epochs: 2}\noutput: {dir: " + str(tmp_path / "out") + "}\n")
+    assert _invoke("validate", config).exit_code == 0
+    result = _invoke("run", config)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["students"]["mlp-16"]["regimes"]) == ["50% labels"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("method: {temprature: 2}\n", "did you mean 'temperature'"),
+        ("method: {temperature: 0}\n", "method.temperature"),
+        ("method: {beta: 1.5}\n", "method.beta"),
+        ("train: {weight_decay: -1}\n", "train.weight_decay"),
+        ("student: {model: mlp16}\n", "Unknown model 'mlp16'"),
+        ("method: {name: distil}\n", "Unknown method 'distil'"),
+    ],
+)
+def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content + f"output: {{dir: {tmp_path / 'out'}}}\n")
+    for verb in ("validate", "run"):
+        result = _invoke(verb, config)
+        assert result.exit_code == 2
+        assert message in result.output and result.output.startswith("error: ")
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([[0.5, 0.5], [float("nan"), 1.0]], "row(s) 1 has NaN or inf"),
+        ([[0.5, 0.5], [float("inf"), 0.0]], "NaN or inf"),
+        ([[1.2, -0.2], [0.5, 0.5]], "row(s) 0 has negative"),
+        ([[0.5, 0.5], [0.7, 0.7]], "row(s) 1 does not sum to 1"),
+        ([0.5, 0.5], "shape"),
+    ],
+)
+def test_validate_soft_label_files(tmp_path, rows, message):
+    path = tmp_path / "soft.npy"
+    np.save(path, np.array(rows, dtype=np.float32))
+    result = _invoke("validate", path)
+    assert result.exit_code == 2 and message in result.output
+    good = tmp_path / "good.npz"
+    np.savez(good, soft_targets=np.full((4, 5), 0.2, dtype=np.float32))
+    result = _invoke("validate", good)
+    assert result.exit_code == 0 and "4 feasible soft-label rows over 5 classes" in result.output
+
+
+def test_missing_files_exit_2(tmp_path):
+    for args in (("run", tmp_path / "nope.yaml"), ("validate", tmp_path / "nope.yaml"),
+                 ("validate", tmp_path / "nope.npy")):
+        result = _invoke(*args)
+        assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_ls_lists_registered_names():
+    result = _invoke("ls", "methods")
+    assert result.exit_code == 0 and "soft-target  (alias: soft-td)" in result.output
+    assert "mlp-<h>" in _invoke("ls", "models").output
+    assert _invoke("ls", "gadgets").exit_code == 2
+
+
+def test_console_script_prints_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epocs: 3}\n")
+    proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: Unknown key 'train.epocs' in {bad}: did you mean 'epochs'?"
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,69 @@
+"""Datasets and batching: stable ids, deterministic splits, label fractions, batch formats."""
+
+import pytest
+import torch
+
+from softkd.data import ArrayDataset, build_dataset, build_loader, keep_labels
+from softkd.errors import DataError
+from softkd.losses import UNLABELED
+
+
+def test_digits_splits_are_disjoint_deterministic_and_stratified():
+    a, b = build_dataset("digits", seed=0), build_dataset("digits", seed=0)
+    assert torch.equal(a.train.ids, b.train.ids) and torch.equal(a.val.ids, b.val.ids)
+    ids = [set(s.ids.tolist()) for s in (a.train, a.val, a.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert sum(map(len, ids)) == 1797
+    assert a.train.input_shape == (1, 8, 8) and float(a.train.x.max()) == 1.0
+    other = build_dataset("digits", seed=1)
+    assert torch.equal(other.test.ids, a.test.ids)  # the test split never moves
+    assert not torch.equal(other.val.ids, a.val.ids)
+    assert torch.bincount(a.val.y).min() >= 13  # every class in validation
+
+
+def test_keep_labels_is_seeded_and_stratified():
+    data = build_dataset("digits").train
+    few = keep_labels(data, 0.1, seed=0)
+    assert torch.equal(few.x, data.x) and torch.equal(few.ids, data.ids)
+    labeled = few.y != UNLABELED
+    assert abs(int(labeled.sum()) - 0.1 * len(data)) <= 10
+    assert torch.equal(few.y[labeled], data.y[labeled])
+    assert torch.bincount(few.y[labeled]).min() >= 10
+    assert torch.equal(keep_labels(data, 0.1, seed=0).y, few.y)
+    assert not torch.equal(keep_labels(data, 0.1, seed=1).y, few.y)
+    with pytest.raises(DataError, match="labeled_fraction"):
+        keep_labels(data, 0.0, seed=0)
+
+
+def test_index_batches_cover_every_sample_once_per_epoch():
+    data = ArrayDataset(torch.arange(10.0).reshape(10, 1), torch.arange(10) % 3, ids=torch.arange(100, 110))
+    loader = build_loader(data, batch_size=4, shuffle=True, seed=0, extras={"t": torch.arange(10) * 2})
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(b["x"]) for b in batches] == [4, 4, 2]
+        seen = torch.cat([b["index"] for b in batches])
+        assert sorted(seen.tolist()) == list(range(10))
+        for b in batches:
+            assert torch.equal(b["id"], b["index"] + 100) and torch.equal(b["t"], b["index"] * 2)
+            assert torch.equal(b["x"].flatten(), b["index"].float())
+
+
+@pytest.mark.parametrize("make_item", [lambda x, y: (x, y), lambda x, y: {"x": x, "y": y}, lambda x, y: (x,)])
+def test_generic_datasets_batch_like_arrays(make_item):
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return make_item(torch.full((2,), float(i)), i % 2)
+
+    batches = list(build_loader(Items(), batch_size=4))
+    assert [len(b["x"]) for b in batches] == [4, 2]
+    assert batches[0]["index"].tolist() == [0, 1, 2, 3]
+    expected = [0, 1, 0, 1] if len(make_item(0, 0)) == 2 else [UNLABELED] * 4
+    assert batches[0]["y"].tolist() == expected
+
+
+def test_array_dataset_rejects_mismatched_lengths():
+    with pytest.raises(DataError, match="5 inputs but 4 labels"):
+        ArrayDataset(torch.zeros(5, 3), torch.zeros(4))
