@@ -78,6 +78,7 @@ def test_bad_configs_exit_2_with_one_line_and_write_nothing(tmp_path, content, m
         ([[0.5, 0.5], [float("nan"), 1.0]], "row(s) 1 has NaN or inf"),
         ([[0.5, 0.5], [float("inf"), 0.0]], "NaN or inf"),
         ([[1.2, -0.2], [0.5, 0.5]], "row(s) 0 has negative"),
+        ([[0.5, 0.5], [1.5, 0.5]], "row(s) 1 has entries greater than 1"),
         ([[0.5, 0.5], [0.7, 0.7]], "row(s) 1 does not sum to 1"),
         ([0.5, 0.5], "shape"),
     ],
@@ -94,10 +95,29 @@ def test_validate_soft_label_files(tmp_path, rows, message):
 
 
 def test_missing_files_exit_2(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"teacher: {{checkpoint: {tmp_path / 'nope.safetensors'}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
     for args in (("run", tmp_path / "nope.yaml"), ("validate", tmp_path / "nope.yaml"),
-                 ("validate", tmp_path / "nope.npy")):
+                 ("validate", tmp_path / "nope.npy"), ("run", config)):
         result = _invoke(*args)
         assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_loads_a_trained_teacher_and_refuses_one_that_does_not_fit(tmp_path):
+    first = _invoke("demo", "--out", tmp_path / "first", *TINY, "--set", "data.labeled_fraction=1.0")
+    assert first.exit_code == 0, first.output
+    weights = tmp_path / "first" / "teacher.safetensors"
+    loaded = _invoke("demo", "--out", tmp_path / "second", *TINY, "--set", "data.labeled_fraction=1.0",
+                     "--set", f"teacher.checkpoint={weights}")
+    assert loaded.exit_code == 0, loaded.output
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("first", "second")]
+    assert reports[0]["teacher"]["accuracy"] == reports[1]["teacher"]["accuracy"]
+    assert not (tmp_path / "second" / "teacher.safetensors").exists()  # loaded, not retrained
+    wrong = _invoke("demo", "--out", tmp_path / "third", "--set", "teacher.model=tinycnn-8",
+                    "--set", f"teacher.checkpoint={weights}")
+    assert wrong.exit_code == 2 and "does not fit the model (shape mismatch: " in wrong.output
+    assert not (tmp_path / "third").exists()
 
 
 def test_ls_lists_registered_names():

@@ -31,11 +31,16 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> 
 
 
 def _run(config: RunConfig, out: Path, progress) -> dict:
+    # Everything a user can get wrong (data, model names, checkpoint) fails before a file is written.
     splits = build_dataset(config.data.name, val_fraction=config.data.val_fraction, seed=config.data.seed)
+    torch.manual_seed(config.data.seed)
+    teacher = build_model(config.teacher.model, input_shape=splits.train.input_shape,
+                          num_classes=splits.train.num_classes)
+    if config.teacher.checkpoint:
+        load_weights(teacher, config.teacher.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
-    jobs = _count_epochs(config)
-    task = progress.add_task("softkd", total=jobs) if progress is not None else None
+    task = progress.add_task("softkd", total=_count_epochs(config)) if progress is not None else None
     with (out / "metrics.jsonl").open("w") as metrics_file:
 
         def logger(**tags):
@@ -46,7 +51,15 @@ def _run(config: RunConfig, out: Path, progress) -> dict:
                     progress.update(task, advance=1, description=_describe_job(tags, record))
             return log
 
-        teacher = _teacher(config, splits, out, logger(stage="teacher"), progress, task)
+        if config.teacher.checkpoint:
+            if progress is not None:
+                progress.update(task, advance=config.teacher.epochs)
+        else:
+            fit(teacher, splits.train, val_data=splits.val, epochs=config.teacher.epochs, lr=config.teacher.lr,
+                weight_decay=config.teacher.weight_decay, batch_size=config.teacher.batch_size,
+                seed=config.data.seed, log=logger(stage="teacher"))
+            save_weights(teacher, out / "teacher.safetensors")
+        teacher = Teacher(teacher)
         test_batches = build_loader(splits.test, batch_size=1024)
         teacher_logits, test_labels = predict(teacher, test_batches)
         teacher_eval = classification_metrics(teacher_logits, test_labels)
@@ -67,22 +80,6 @@ def _run(config: RunConfig, out: Path, progress) -> dict:
     report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
     write_report(report, out)
     return report
-
-
-def _teacher(config: RunConfig, splits: Splits, out: Path, log, progress, task) -> Teacher:
-    torch.manual_seed(config.data.seed)
-    model = build_model(config.teacher.model, input_shape=splits.train.input_shape,
-                        num_classes=splits.train.num_classes)
-    if config.teacher.checkpoint:
-        load_weights(model, config.teacher.checkpoint)
-        if progress is not None:
-            progress.update(task, advance=config.teacher.epochs)
-    else:
-        fit(model, splits.train, val_data=splits.val, epochs=config.teacher.epochs, lr=config.teacher.lr,
-            weight_decay=config.teacher.weight_decay, batch_size=config.teacher.batch_size,
-            seed=config.data.seed, log=log)
-        save_weights(model, out / "teacher.safetensors")
-    return Teacher(model)
 
 
 def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, seed: int, log):
