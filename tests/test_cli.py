@@ -134,3 +134,14 @@ def test_console_script_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: Unknown key 'train.epocs' in {bad}: did you mean 'epochs'?"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_teacher_verb_trains_and_saves_only_the_teacher(tmp_path):
+    config = tmp_path / "t.yaml"
+    config.write_text("teacher: {model: mlp-32, epochs: 8, lr: 1.0e-2, lr_schedule: cosine}\n")
+    result = _invoke("teacher", config, "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.yaml", "metrics.jsonl", "teacher.json",
+                                                           "teacher.safetensors"}
+    summary = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    assert summary["model"] == "mlp-32" and 0.5 < summary["test"]["accuracy"] <= 1

@@ -194,3 +194,20 @@ def test_empty_dataset_is_rejected():
 def test_bad_hyperparameters(digit_splits, trained_teacher, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         softkd.distill(_student(), trained_teacher, _small(digit_splits), **kwargs)
+
+
+def test_cosine_schedule_decays_to_zero_over_the_budget(digit_splits):
+    from softkd.train.optim import build_optimizer, build_scheduler
+
+    model = _student()
+    opt = build_optimizer(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(opt, "cosine", total_steps=10)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        build_scheduler(opt, "linear", 10)

@@ -77,14 +77,44 @@ def run(
     _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem))
 
 
+@app.command()
+@_user_errors
+def teacher(
+    config: Path = typer.Argument(..., help="YAML run config; its data and teacher sections are used."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
+):
+    """Train only the teacher and save it (teacher.safetensors, teacher.json with test metrics),
+    for later runs to load with teacher.checkpoint.
+
+    Example: softkd teacher configs/teacher-resnet64-fashion-mnist.yaml --out teachers/resnet64
+    """
+    from softkd.config import load_config
+    from softkd.pipeline import train_teacher
+    from softkd.utils import fresh_dir
+
+    cfg = load_config(config, set_)
+    target = fresh_dir(out or Path("runs") / f"{config.stem}-teacher")
+    with _progress() as progress:
+        summary = train_teacher(cfg, out_dir=target, progress=progress)
+    test = summary["test"]
+    console.print(f"Teacher {summary['model']} ({summary['params']:,} params) on {summary['data']}: "
+                  f"test accuracy {100 * test['accuracy']:.2f}%, ECE {test['ece']:.3f}. Saved to "
+                  f"{target / 'teacher.safetensors'}")
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=errors, transient=True)
+
+
 def _run(config, out: Path) -> None:
     from softkd.pipeline import run_experiment
     from softkd.report.summary import HEADERS, table_rows
     from softkd.utils import fresh_dir
 
     out = fresh_dir(out)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=errors, transient=True) as progress:
+    with _progress() as progress:
         report = run_experiment(config, out_dir=out, progress=progress)
     student = next(iter(report["students"]))
     table = Table(title=f"{student} ← {report['teacher']['model']} on {report['data']['name']}: test accuracy % "

@@ -70,6 +70,7 @@ class TeacherConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 
@@ -102,6 +103,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     """λ: the weight of R(θ) = ½‖w‖² on weights (not norms and biases), applied as weight decay."""
     patience: int | None = Field(None, ge=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     precision: Literal["fp32"] = "fp32"
     threads: int | None = Field(None, ge=1)

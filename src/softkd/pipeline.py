@@ -32,12 +32,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> 
 
 def _run(config: RunConfig, out: Path, progress) -> dict:
     # Everything a user can get wrong (data, model names, checkpoint) fails before a file is written.
-    splits = build_dataset(config.data.name, val_fraction=config.data.val_fraction, seed=config.data.seed)
-    torch.manual_seed(config.data.seed)
-    teacher = build_model(config.teacher.model, input_shape=splits.train.input_shape,
-                          num_classes=splits.train.num_classes)
-    if config.teacher.checkpoint:
-        load_weights(teacher, config.teacher.checkpoint)
+    splits, teacher = _prepare(config)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
     task = progress.add_task("softkd", total=_count_epochs(config)) if progress is not None else None
@@ -55,10 +50,7 @@ def _run(config: RunConfig, out: Path, progress) -> dict:
             if progress is not None:
                 progress.update(task, advance=config.teacher.epochs)
         else:
-            fit(teacher, splits.train, val_data=splits.val, epochs=config.teacher.epochs, lr=config.teacher.lr,
-                weight_decay=config.teacher.weight_decay, batch_size=config.teacher.batch_size,
-                seed=config.data.seed, log=logger(stage="teacher"))
-            save_weights(teacher, out / "teacher.safetensors")
+            _fit_teacher(config, teacher, splits, out, logger(stage="teacher"))
         teacher = Teacher(teacher)
         test_batches = build_loader(splits.test, batch_size=1024)
         teacher_logits, test_labels = predict(teacher, test_batches)
@@ -82,6 +74,53 @@ def _run(config: RunConfig, out: Path, progress) -> dict:
     return report
 
 
+def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None) -> dict:
+    """Only the teacher stage: writes config.yaml, metrics.jsonl, teacher.safetensors (the best
+    validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
+    with its test metrics. Returns those metrics."""
+    with cpu_threads(config.train.threads):
+        splits, teacher = _prepare(config, load=False)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+        task = progress.add_task("teacher", total=config.teacher.epochs) if progress is not None else None
+        with (out / "metrics.jsonl").open("w") as metrics_file:
+            def log(record):
+                metrics_file.write(json.dumps({"stage": "teacher", **record}) + "\n")
+                metrics_file.flush()
+                if progress is not None:
+                    progress.update(task, advance=1, description=_describe_job({"stage": "teacher"}, record))
+            _fit_teacher(config, teacher, splits, out, log)
+        logits, labels = predict(teacher, build_loader(splits.test, batch_size=1024))
+        summary = {"model": config.teacher.model, "params": count_params(teacher), "data": config.data.name,
+                   "test": classification_metrics(logits, labels)}
+        atomic_write_text(out / "teacher.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def _prepare(config: RunConfig, *, load: bool = True):
+    splits = build_dataset(config.data.name, val_fraction=config.data.val_fraction, seed=config.data.seed,
+                           data_dir=config.data.dir)
+    torch.manual_seed(config.data.seed)
+    teacher = build_model(config.teacher.model, input_shape=splits.train.input_shape,
+                          num_classes=splits.train.num_classes)
+    if load and config.teacher.checkpoint:
+        load_weights(teacher, config.teacher.checkpoint)
+    return splits, teacher
+
+
+def _fit_teacher(config: RunConfig, teacher, splits: Splits, out: Path, log) -> None:
+    def log_and_keep(record: dict) -> None:
+        save_weights(teacher, out / "teacher-last.safetensors")  # a long run killed midway keeps its epochs
+        log(record)
+
+    t = config.teacher
+    fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
+        batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep)
+    save_weights(teacher, out / "teacher.safetensors")
+    (out / "teacher-last.safetensors").unlink(missing_ok=True)
+
+
 def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, seed: int, log):
     """The same architecture, initialisation, data and budget; only the objective differs."""
     torch.manual_seed(seed)
@@ -90,7 +129,7 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, s
     train = config.train
     budget = dict(val_data=splits.val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
                   optimizer=train.optimizer, lr=train.lr, weight_decay=train.weight_decay,
-                  patience=train.patience, seed=seed, log=log)
+                  patience=train.patience, lr_schedule=train.lr_schedule, seed=seed, log=log)
     if kind == "scratch":
         return fit(student, transfer, **budget).model
     return distill(student, teacher, transfer, temperature=config.method.temperature,

@@ -6,7 +6,9 @@ batched by index with no per-item Python work (see :mod:`softkd.data.loader`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,7 +89,7 @@ def build_dataset(name: str, *, val_fraction: float = 0.1, seed: int = 0, **kwar
 
 
 @DATASETS.register("digits")
-def digits(*, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.2) -> Splits:
+def digits(*, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.2, data_dir=None) -> Splits:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes); no download.
 
     The test split is a fixed stratified 20 % (seed 0), so every run is scored on the same images;
@@ -103,6 +105,69 @@ def digits(*, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0
     train_val = full.subset(rest, name="digits/train")
     train, val = split_train_val(train_val, val_fraction, seed=seed)
     return Splits(train=train, val=val, test=full.subset(test, name="digits/test"))
+
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def find_idx_files(name: str, data_dir: str | None = None) -> dict[str, Path]:
+    """The four IDX files of ``name``, looked up in ``data_dir``, ``$SOFTKD_DATA``, Debian's
+    ``/usr/share/datasets/<name>`` and the user cache, in that order (gzipped or raw)."""
+    folders = [Path(p) for p in (data_dir, os.environ.get("SOFTKD_DATA")) if p]
+    folders = [f for folder in folders for f in (folder / name, folder)]
+    folders += [Path("/usr/share/datasets") / name, user_cache_dir() / name]
+    for folder in folders:
+        found = {}
+        for key, stem in MNIST_FILES.items():
+            for candidate in (folder / f"{stem}.gz", folder / stem):
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+        if len(found) == len(MNIST_FILES):
+            return found
+    looked = ", ".join(str(f) for f in folders)
+    hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion-mnist" else ""
+    raise DataError(f"{name} not found (looked in {looked}); get it with {hint}`softkd data fetch {name}`, "
+                    "or set data.dir to the folder holding its four IDX files.")
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "softkd"
+
+
+def _mnist_like(name: str, *, val_fraction: float, seed: int, data_dir: str | None = None) -> Splits:
+    """28×28 grey images scaled to [0, 1]; train/validation split of the 60k by ``seed``, the
+    official 10k test split untouched."""
+    from softkd.data.idx import read_idx
+
+    files = find_idx_files(name, data_dir)
+    parts = {}
+    for split in ("train", "test"):
+        images, labels = read_idx(files[f"{split}_images"]), read_idx(files[f"{split}_labels"])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{name} {split} files disagree: images {images.shape}, labels {labels.shape}.")
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        ids = torch.arange(len(labels)) + (0 if split == "train" else 60_000_000)
+        parts[split] = ArrayDataset(x, torch.from_numpy(labels.astype(np.int64)), ids=ids, num_classes=10,
+                                    name=f"{name}/{split}")
+    train, val = split_train_val(parts["train"], val_fraction, seed=seed)
+    return Splits(train=train, val=val, test=parts["test"])
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(*, val_fraction: float = 0.1, seed: int = 0, data_dir: str | None = None) -> Splits:
+    """Zalando's Fashion-MNIST: 70,000 28×28 grey images of clothing, 10 classes."""
+    return _mnist_like("fashion-mnist", val_fraction=val_fraction, seed=seed, data_dir=data_dir)
+
+
+@DATASETS.register("mnist")
+def mnist(*, val_fraction: float = 0.1, seed: int = 0, data_dir: str | None = None) -> Splits:
+    """LeCun's MNIST handwritten digits: 70,000 28×28 grey images, 10 classes."""
+    return _mnist_like("mnist", val_fraction=val_fraction, seed=seed, data_dir=data_dir)
 
 
 def split_train_val(data: ArrayDataset, val_fraction: float, *, seed: int):

@@ -19,7 +19,7 @@ from softkd.errors import ConfigError, TrainingError
 from softkd.evaluate.metrics import evaluate
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
-from softkd.train.optim import build_optimizer, trainable_parameters
+from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 
 
 @dataclass
@@ -48,6 +48,7 @@ def fit(
     lr: float = 2e-3,
     weight_decay: float = 5e-4,
     patience: int | None = None,
+    lr_schedule: str = "constant",
     seed: int = 0,
     extras: dict[str, torch.Tensor] | None = None,
     log: Callable[[dict], None] | None = None,
@@ -57,7 +58,8 @@ def fit(
 
     Stops after ``epochs``, or ``max_steps`` optimizer steps, or when the validation score has
     not improved for ``patience`` epochs (convergence); with ``val_data`` the best epoch's
-    weights are restored. The score is validation accuracy, or minus the objective's loss when
+    weights are restored. ``lr_schedule``: "constant" or "cosine" (per step, to 0 at the end of
+    the budget). The score is validation accuracy, or minus the objective's loss when
     the validation set has no labels. ``extras`` are per-sample tensors added to each batch
     (e.g. precomputed ``teacher_logits``).
     """
@@ -71,6 +73,8 @@ def fit(
     if val_data is not None:
         val_batches = build_loader(as_dataset(val_data, name="val_data"), batch_size=max(batch_size, 1024))
     opt = build_optimizer(trainable_parameters(model, objective), name=optimizer, lr=lr, weight_decay=weight_decay)
+    total_steps = min(epochs * len(train_batches), max_steps or epochs * len(train_batches))
+    scheduler = build_scheduler(opt, lr_schedule, total_steps)
     device = next(model.parameters()).device
     result = FitResult(model=model)
     best_state, stale = None, 0
@@ -89,6 +93,7 @@ def fit(
                 raise TrainingError(_nonfinite_message(terms, result.steps + 1))
             loss.backward()
             opt.step()
+            scheduler.step()
             result.steps += 1
             n = batch["x"].shape[0]
             seen += n

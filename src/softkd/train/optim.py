@@ -34,6 +34,18 @@ def build_optimizer(params, *, name: str = "adamw", lr: float = 2e-3, weight_dec
     raise ConfigError(f"Unknown optimizer '{name}'; use one of {', '.join(OPTIMIZERS)}.")
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
+    """Per-step learning-rate schedule: constant, or cosine from ``lr`` to 0 over ``total_steps``."""
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    raise ConfigError(f"Unknown lr_schedule '{name}'; use one of {', '.join(SCHEDULES)}.")
+
+
 def trainable_parameters(*modules: nn.Module) -> list[torch.nn.Parameter]:
     seen, params = set(), []
     for module in modules:
