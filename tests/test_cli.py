@@ -24,7 +24,10 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     assert "scratch" in result.output and "distilled" in result.output and "10% labels" in result.output
     out = tmp_path / "demo"
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
-                                               "teacher.safetensors"}
+                                               "teacher.safetensors", "teacher.json", "students"}
+    students = sorted(p.name for p in (out / "students").iterdir())
+    assert len(students) == 2 * 2 * 2 * 2  # regimes × seeds × kinds × (weights, stamp)
+    assert "distilled-labels0.1-seed1.safetensors" in students and "scratch-labels1-seed0.json" in students
     report = json.loads((out / "report.json").read_text())
     regime = report["students"]["mlp-16"]["regimes"]["10% labels"]
     for kind in ("teacher", "scratch", "distilled"):
@@ -142,6 +145,36 @@ def test_teacher_verb_trains_and_saves_only_the_teacher(tmp_path):
     result = _invoke("teacher", config, "--out", tmp_path / "t")
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.yaml", "metrics.jsonl", "teacher.json",
-                                                           "teacher.safetensors"}
-    summary = json.loads((tmp_path / "t" / "teacher.json").read_text())
+                                                           "teacher.safetensors", "students"}
+    summary = json.loads((tmp_path / "t" / "teacher.json").read_text())["result"]
     assert summary["model"] == "mlp-32" and 0.5 < summary["test"]["accuracy"] <= 1
+    weights = (tmp_path / "t" / "teacher.safetensors").read_bytes()
+    assert _invoke("teacher", config, "--out", tmp_path / "t").exit_code == 0  # up to date: kept as it is
+    assert (tmp_path / "t" / "teacher.safetensors").read_bytes() == weights
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_run_skips_stages_that_match_and_reruns_what_a_change_affects(tmp_path):
+    config = tmp_path / "r.yaml"
+    config.write_text("teacher: {model: mlp-32, epochs: 3}\ntrain: {epochs: 2, seeds: [0, 1]}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def stages():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return [(line["stage"], line.get("seed")) for line in lines if line["epoch"] == 1]
+
+    assert _invoke("run", config).exit_code == 0
+    first = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert stages() == [("teacher", None), ("scratch", 0), ("distilled", 0), ("scratch", 1), ("distilled", 1)]
+    assert _invoke("run", config).exit_code == 0  # nothing changed: nothing trains again
+    assert len(stages()) == 5
+    again = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert again["students"] == first["students"]
+    assert _invoke("run", config, "--set", "method.temperature=2").exit_code == 0  # only distillation reruns
+    assert stages()[5:] == [("distilled", 0), ("distilled", 1)]
+    t2 = ("--set", "method.temperature=2")
+    assert _invoke("run", config, *t2, "--set", "train.seeds=[0,1,2]").exit_code == 0  # only the new seed runs
+    assert stages()[7:] == [("scratch", 2), ("distilled", 2)]
+    assert _invoke("run", config, *t2, "--set", "teacher.epochs=4").exit_code == 0  # new teacher: all rerun
+    assert [s for s, _ in stages()[9:]] == ["teacher"] + ["scratch", "distilled"] * 2

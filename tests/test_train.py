@@ -148,7 +148,7 @@ def test_nan_loss_stops_with_step_and_term(digit_splits):
         (lambda n: torch.full((n, 10), -0.1), InfeasibleSoftTargetsError, "negative"),
         (lambda n: torch.full((n, 10), 2.0), InfeasibleSoftTargetsError, "greater than 1"),
         (lambda n: torch.full((n, 10), 0.09), InfeasibleSoftTargetsError, "sum to 1"),
-        (lambda n: torch.full((n, 9), 1 / 9), ShapeMismatchError, "9 classes"),
+        (lambda n: torch.full((n, 9), 1 / 9), ShapeMismatchError, "student 10, soft labels 9"),
         (lambda n: torch.full((n - 1, 10), 0.1), ShapeMismatchError, "rows"),
         (lambda n: torch.full((n,), 0.1), ShapeMismatchError, "shape"),
     ],

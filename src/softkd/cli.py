@@ -68,13 +68,14 @@ def run(
 ):
     """Run a config: train (or load) the teacher, produce and validate soft labels, train the
     scratch and distilled students for every seed and regime, evaluate, and write the report.
+    Stages already in the run directory for the same settings are reused, not rerun.
 
     Example: softkd run configs/soft-target-mlp16_from_tinycnn32-digits.yaml --set train.seeds=[0]
     """
     from softkd.config import load_config
 
     cfg = load_config(config, set_)
-    _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem))
+    _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem), reuse=True)
 
 
 @app.command()
@@ -85,16 +86,15 @@ def teacher(
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
 ):
     """Train only the teacher and save it (teacher.safetensors, teacher.json with test metrics),
-    for later runs to load with teacher.checkpoint.
+    for later runs to load with teacher.checkpoint. An up-to-date teacher in --out is kept.
 
     Example: softkd teacher configs/teacher-resnet64-fashion-mnist.yaml --out teachers/resnet64
     """
     from softkd.config import load_config
     from softkd.pipeline import train_teacher
-    from softkd.utils import fresh_dir
 
     cfg = load_config(config, set_)
-    target = fresh_dir(out or Path("runs") / f"{config.stem}-teacher")
+    target = out or Path("runs") / f"{config.stem}-teacher"
     with _progress() as progress:
         summary = train_teacher(cfg, out_dir=target, progress=progress)
     test = summary["test"]
@@ -108,12 +108,14 @@ def _progress() -> Progress:
     return Progress(*columns, console=errors, transient=True)
 
 
-def _run(config, out: Path) -> None:
+def _run(config, out: Path, *, reuse: bool = False) -> None:
+    """``reuse``: run into ``out`` as it is, skipping up-to-date stages (``run``); otherwise into
+    a fresh folder beside it (``demo``)."""
     from softkd.pipeline import run_experiment
     from softkd.report.summary import HEADERS, table_rows
     from softkd.utils import fresh_dir
 
-    out = fresh_dir(out)
+    out = out if reuse else fresh_dir(out)
     with _progress() as progress:
         report = run_experiment(config, out_dir=out, progress=progress)
     student = next(iter(report["students"]))

@@ -1,10 +1,15 @@
 """The whole experiment a run config describes: teacher → soft labels → scratch and distilled
 students for every regime and seed → evaluation → report. ``softkd run`` and ``softkd demo``
 call :func:`run_experiment`; everything here is also reachable piece by piece from Python.
+
+Each stage leaves a stamp (the hash of the config it depends on) beside its outputs; running
+again into the same folder skips every stage whose stamp matches, so a changed config reruns
+only what it affects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,80 +27,65 @@ from softkd.train.distill import distill
 from softkd.train.loop import fit
 from softkd.utils import atomic_write_text, cpu_threads
 
+KINDS = ("scratch", "distilled")
+
 
 def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> dict:
-    """Run ``config`` and write ``out_dir`` (config.yaml, metrics.jsonl, teacher weights,
-    report.json, report.md). Returns the report. ``progress`` is an optional rich Progress."""
+    """Run ``config`` into ``out_dir`` (config.yaml, metrics.jsonl, teacher.safetensors and
+    teacher.json, students/, report.json, report.md), reusing stages already there that match.
+    Returns the report. ``progress`` is an optional rich Progress."""
     with cpu_threads(config.train.threads):
-        return _run(config, Path(out_dir), progress)
-
-
-def _run(config: RunConfig, out: Path, progress) -> dict:
-    # Everything a user can get wrong (data, model names, checkpoint) fails before a file is written.
-    splits, teacher = _prepare(config)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
-    task = progress.add_task("softkd", total=_count_epochs(config)) if progress is not None else None
-    with (out / "metrics.jsonl").open("w") as metrics_file:
-
-        def logger(**tags):
-            def log(record: dict) -> None:
-                metrics_file.write(json.dumps({**tags, **record}) + "\n")
-                metrics_file.flush()
-                if progress is not None:
-                    progress.update(task, advance=1, description=_describe_job(tags, record))
-            return log
-
-        if config.teacher.checkpoint:
-            if progress is not None:
-                progress.update(task, advance=config.teacher.epochs)
-        else:
-            _fit_teacher(config, teacher, splits, out, logger(stage="teacher"))
-        teacher = Teacher(teacher)
-        test_batches = build_loader(splits.test, batch_size=1024)
-        teacher_logits, test_labels = predict(teacher, test_batches)
-        teacher_eval = classification_metrics(teacher_logits, test_labels)
-        runs = []
-        for fraction in config.data.fractions:
-            transfer = keep_labels(splits.train, fraction, seed=config.data.seed)
-            for seed in config.train.seeds:
-                for kind in ("scratch", "distilled"):
-                    log = logger(stage=kind, labeled_fraction=fraction, seed=seed)
-                    student = _train_student(kind, config, splits, transfer, teacher, seed, log)
-                    logits, _ = predict(student, test_batches)
-                    runs.append({
-                        "kind": kind, "labeled_fraction": fraction, "seed": seed,
-                        "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
-                        **classification_metrics(logits, test_labels), **teacher_metrics(logits, teacher_logits),
-                        "params": count_params(student),
-                    })
-    report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
-    write_report(report, out)
-    return report
+        splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
+        out = _open_run_dir(config, out_dir)
+        with _Logger(out, progress, total=_count_epochs(config)) as logger:
+            teacher_key = _teacher_stage(config, teacher, splits, out, logger)
+            teacher = Teacher(teacher)
+            test_batches = build_loader(splits.test, batch_size=1024)
+            teacher_test_logits, test_labels = predict(teacher, test_batches)
+            transfer_logits = None  # the teacher's pass over the transfer set, shared by every run
+            runs = []
+            for fraction in config.data.fractions:
+                transfer = keep_labels(splits.train, fraction, seed=config.data.seed)
+                for seed in config.train.seeds:
+                    for kind in KINDS:
+                        name = f"{kind}-labels{fraction:g}-seed{seed}"
+                        key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
+                                    config.method if kind == "distilled" else None)
+                        result = _read_stamp(out / "students" / f"{name}.json", key)
+                        if result is None:
+                            if kind == "distilled" and transfer_logits is None:
+                                transfer_logits = teacher.predict_logits(build_loader(splits.train, batch_size=1024))
+                            log = logger.bind(stage=kind, labeled_fraction=fraction, seed=seed)
+                            student = _train_student(kind, config, splits, transfer, teacher, transfer_logits,
+                                                     seed, log)
+                            logits, _ = predict(student, test_batches)
+                            result = {
+                                "kind": kind, "labeled_fraction": fraction, "seed": seed,
+                                "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
+                                **classification_metrics(logits, test_labels),
+                                **teacher_metrics(logits, teacher_test_logits), "params": count_params(student),
+                            }
+                            save_weights(student, out / "students" / f"{name}.safetensors")
+                            _write_stamp(out / "students" / f"{name}.json", key, result)
+                        else:
+                            logger.skip(config.train.epochs, f"{name} (up to date)")
+                        runs.append(result)
+        teacher_eval = classification_metrics(teacher_test_logits, test_labels)
+        report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
+        write_report(report, out)
+        return report
 
 
 def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None) -> dict:
-    """Only the teacher stage: writes config.yaml, metrics.jsonl, teacher.safetensors (the best
+    """Only the teacher stage: config.yaml, metrics.jsonl, teacher.safetensors (the best
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
-    with its test metrics. Returns those metrics."""
+    with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept."""
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config, load=False)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(config))
-        task = progress.add_task("teacher", total=config.teacher.epochs) if progress is not None else None
-        with (out / "metrics.jsonl").open("w") as metrics_file:
-            def log(record):
-                metrics_file.write(json.dumps({"stage": "teacher", **record}) + "\n")
-                metrics_file.flush()
-                if progress is not None:
-                    progress.update(task, advance=1, description=_describe_job({"stage": "teacher"}, record))
-            _fit_teacher(config, teacher, splits, out, log)
-        logits, labels = predict(teacher, build_loader(splits.test, batch_size=1024))
-        summary = {"model": config.teacher.model, "params": count_params(teacher), "data": config.data.name,
-                   "test": classification_metrics(logits, labels)}
-        atomic_write_text(out / "teacher.json", json.dumps(summary, indent=2))
-        return summary
+        out = _open_run_dir(config, out_dir)
+        with _Logger(out, progress, total=config.teacher.epochs) as logger:
+            _teacher_stage(config, teacher, splits, out, logger)
+        return json.loads((out / "teacher.json").read_text())["result"]
 
 
 def _prepare(config: RunConfig, *, load: bool = True):
@@ -109,19 +99,41 @@ def _prepare(config: RunConfig, *, load: bool = True):
     return splits, teacher
 
 
-def _fit_teacher(config: RunConfig, teacher, splits: Splits, out: Path, log) -> None:
+def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    (out / "students").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(config))
+    return out
+
+
+def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: "_Logger") -> str:
+    """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key."""
+    t = config.teacher
+    if t.checkpoint:
+        logger.skip(t.epochs, "teacher (loaded)")
+        return _hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
+    key = _hash(config.data.model_dump(exclude={"labeled_fraction"}), t.model_dump(exclude={"checkpoint"}))
+    weights = out / "teacher.safetensors"
+    if _read_stamp(out / "teacher.json", key) is not None and weights.is_file():
+        load_weights(teacher, weights)
+        logger.skip(t.epochs, "teacher (up to date)")
+        return key
+
     def log_and_keep(record: dict) -> None:
         save_weights(teacher, out / "teacher-last.safetensors")  # a long run killed midway keeps its epochs
-        log(record)
+        logger.bind(stage="teacher")(record)
 
-    t = config.teacher
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep)
-    save_weights(teacher, out / "teacher.safetensors")
+    save_weights(teacher, weights)
     (out / "teacher-last.safetensors").unlink(missing_ok=True)
+    logits, labels = predict(teacher, build_loader(splits.test, batch_size=1024))
+    _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
+                                             "data": config.data.name, "test": classification_metrics(logits, labels)})
+    return key
 
 
-def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, seed: int, log):
+def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, transfer_logits, seed: int, log):
     """The same architecture, initialisation, data and budget; only the objective differs."""
     torch.manual_seed(seed)
     student = build_model(config.student.model, input_shape=splits.train.input_shape,
@@ -132,13 +144,64 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, s
                   patience=train.patience, lr_schedule=train.lr_schedule, seed=seed, log=log)
     if kind == "scratch":
         return fit(student, transfer, **budget).model
-    return distill(student, teacher, transfer, temperature=config.method.temperature,
-                   beta=config.method.beta, **budget).model
+    return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
+                   teacher_logits=transfer_logits, **budget).model
+
+
+def _train_key(config: RunConfig) -> dict:
+    return config.train.model_dump(exclude={"seeds", "threads"})
+
+
+def _hash(*parts) -> str:
+    def plain(part):
+        return part.model_dump(mode="json") if hasattr(part, "model_dump") else part
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_stamp(path: Path, key: str):
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp.get("result") if stamp.get("key") == key else None
+
+
+def _write_stamp(path: Path, key: str, result: dict) -> None:
+    atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=2))
 
 
 def _count_epochs(config: RunConfig) -> int:
-    students = len(config.data.fractions) * len(config.train.seeds) * 2
+    students = len(config.data.fractions) * len(config.train.seeds) * len(KINDS)
     return config.teacher.epochs + students * config.train.epochs
+
+
+class _Logger:
+    """Appends tagged records to metrics.jsonl and moves the progress bar."""
+
+    def __init__(self, out: Path, progress, *, total: int):
+        self.file = (out / "metrics.jsonl").open("a")
+        self.progress = progress
+        self.task = progress.add_task("softkd", total=total) if progress is not None else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def bind(self, **tags):
+        def log(record: dict) -> None:
+            self.file.write(json.dumps({**tags, **record}) + "\n")
+            self.file.flush()
+            if self.progress is not None:
+                self.progress.update(self.task, advance=1, description=_describe_job(tags, record))
+        return log
+
+    def skip(self, epochs: int, description: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=epochs, description=description)
 
 
 def _describe_job(tags: dict, record: dict) -> str:

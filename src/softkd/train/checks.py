@@ -16,7 +16,7 @@ def check_classes(student: nn.Module, teacher: nn.Module | None, data, *, soft_t
     classes = {"student": num_outputs(student, data)}
     if teacher is not None:
         classes["teacher"] = num_outputs(teacher, data)
-    if soft_targets is not None:
+    if soft_targets is not None:  # probabilities or teacher logits, (N, C)
         classes["soft labels"] = soft_targets.shape[-1]
     if len(set(classes.values())) > 1:
         listed = ", ".join(f"{k} {v}" for k, v in classes.items())

@@ -29,6 +29,7 @@ def distill(
     temperature: float = 4.0,
     beta: float = 0.9,
     soft_targets: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
     **fit_kwargs,
 ) -> FitResult:
     """Distill ``teacher`` into ``student`` on the transfer set ``train_data``.
@@ -36,28 +37,33 @@ def distill(
     ``train_data``: a ``Dataset`` (items ``(x, y)``, ``x`` or dicts; label -1 = unlabeled), an
     ``(x, y)`` tuple of tensors, or a ``DataLoader`` (then the teacher runs on every batch).
     For datasets the teacher runs once over the transfer set and its soft labels are validated
-    before training. ``soft_targets`` (N, C) probabilities at temperature T may replace the
-    teacher. Other keyword arguments go to :func:`softkd.fit` (epochs, max_steps, patience, lr,
+    before training. ``teacher_logits`` (N, C), already computed for ``train_data`` in order,
+    spare that pass (e.g. across seeds); ``soft_targets`` (N, C) probabilities at temperature T may
+    replace the teacher. Both are validated. Other keyword arguments go to :func:`softkd.fit` (epochs, max_steps, patience, lr,
     weight_decay = λ, ...). Returns a :class:`FitResult` whose ``model`` is the trained student.
     """
     check_temperature(temperature)
     check_beta(beta)
-    if teacher is None and soft_targets is None:
-        raise ConfigError("distill() needs a teacher or precomputed 'soft_targets'; got neither.")
+    if teacher is None and soft_targets is None and teacher_logits is None:
+        raise ConfigError("distill() needs a teacher, 'teacher_logits' or 'soft_targets'; got none.")
+    if soft_targets is not None and teacher_logits is not None:
+        raise ConfigError("Give distill() 'teacher_logits' or 'soft_targets', not both.")
     train = as_dataset(train_data, name="train_data")
     teacher = Teacher(teacher) if teacher is not None else None
+    precomputed = soft_targets is not None or teacher_logits is not None
+    if precomputed and isinstance(train, torch.utils.data.DataLoader):
+        raise DataError("Precomputed 'soft_targets' or 'teacher_logits' need a Dataset in a fixed order, not a DataLoader.")
     extras = None
     if soft_targets is not None:
-        if isinstance(train, torch.utils.data.DataLoader):
-            raise DataError("'soft_targets' need a Dataset in a fixed order, not a DataLoader.")
-        soft_targets = validate_soft_targets(
-            torch.as_tensor(soft_targets).float(), num_classes=num_outputs(student, train), num_samples=len(train)
-        )
-        extras = {"soft_targets": soft_targets}
+        extras = {"soft_targets": torch.as_tensor(soft_targets).float()}
     elif not isinstance(train, torch.utils.data.DataLoader):
-        teacher_logits = teacher.predict_logits(build_loader(train, batch_size=1024))
-        validate_soft_targets(soften(teacher_logits, temperature))
-        extras = {"teacher_logits": teacher_logits}
-    check_classes(student, teacher, train, soft_targets=soft_targets)
+        if teacher_logits is None:
+            teacher_logits = teacher.predict_logits(build_loader(train, batch_size=1024))
+        extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
+    targets = next(iter(extras.values())) if extras else None
+    if targets is not None:  # feasibility of the distribution the student will be taught
+        validate_soft_targets(targets if soft_targets is not None else soften(targets, temperature),
+                              num_samples=len(train))
+    check_classes(student, teacher, train, soft_targets=targets)
     objective = SoftTarget(teacher=teacher, temperature=temperature, beta=beta)
     return fit(student, train, objective=objective, val_data=val_data, extras=extras, **fit_kwargs)
