@@ -233,3 +233,5 @@ def test_load_arrays_dispatches_on_suffix(tmp_path):
         load_arrays(tmp_path / "gone.parquet")
     with pytest.raises(DataError, match=r"gone\.npz' not found"):
         load_arrays(tmp_path / "gone.npz")
+    with pytest.raises(ConfigError, match=r"option 'size' does not apply to .*d\.npz' \(load_npz\); it takes name"):
+        load_arrays(tmp_path / "d.npz", size=(2, 2))

@@ -178,3 +178,46 @@ def test_run_skips_stages_that_match_and_reruns_what_a_change_affects(tmp_path):
     assert stages()[7:] == [("scratch", 2), ("distilled", 2)]
     assert _invoke("run", config, *t2, "--set", "teacher.epochs=4").exit_code == 0  # new teacher: all rerun
     assert [s for s, _ in stages()[9:]] == ["teacher"] + ["scratch", "distilled"] * 2
+
+
+def test_run_takes_user_models_by_import_string(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "def wide_mlp(hidden, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+        "def eleven(hidden):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 11))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "user.yaml"
+    config.write_text("teacher: {model: 'mynets:wide_mlp', kwargs: {hidden: 64}, epochs: 2}\n"
+                      "student: {model: 'mynets:wide_mlp', kwargs: {hidden: 8}}\ntrain: {epochs: 1}\n")
+    result = _invoke("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["teacher"]["params"] == 64 * 64 + 64 + 650
+    wrong = _invoke("run", config, "--out", tmp_path / "wrong", "--set", "student.model=mynets:eleven")
+    assert wrong.exit_code == 2 and "The student (Sequential) outputs 11 classes but 10 are expected" in wrong.output
+    assert not (tmp_path / "wrong").exists()
+    missing = _invoke("run", config, "--out", tmp_path / "wrong", "--set", "teacher.model=mynets:widemlp")
+    assert missing.exit_code == 2 and "wide_mlp" in missing.output
+
+
+def test_run_on_a_user_csv(tmp_path):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    lines = ["label," + ",".join(f"f{i}" for i in range(64))]
+    for i, (xi, yi) in enumerate(zip(bunch.data / 16.0, bunch.target)):
+        lines.append(("" if i % 2 else str(yi)) + "," + ",".join(f"{v:g}" for v in xi))  # half unlabeled
+    (tmp_path / "digits.csv").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "csv.yaml"
+    config.write_text(f"data: {{name: my-digits, path: {tmp_path / 'digits.csv'}}}\n"
+                      "teacher: {model: mlp-64, epochs: 3}\ntrain: {epochs: 2}\n")
+    result = _invoke("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    labeled = bunch.target[::2]
+    expected_test = sum(round(0.2 * int((labeled == c).sum())) for c in range(10))  # stratified 20 %
+    assert report["data"]["name"] == "my-digits" and report["data"]["test"] == expected_test
+    (tmp_path / "bad.csv").write_text("label,a,b\n1,0.5,abc\n")
+    bad = _invoke("run", config, "--out", tmp_path / "bad", "--set", f"data.path={tmp_path / 'bad.csv'}")
+    assert bad.exit_code == 2 and "abc" in bad.output and not (tmp_path / "bad").exists()

@@ -67,3 +67,52 @@ def test_generic_datasets_batch_like_arrays(make_item):
 def test_array_dataset_rejects_mismatched_lengths():
     with pytest.raises(DataError, match="5 inputs but 4 labels"):
         ArrayDataset(torch.zeros(5, 3), torch.zeros(4))
+
+
+def _digits_arrays():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return (bunch.data / 16.0).astype("float32"), bunch.target.astype("int64")
+
+
+def test_user_npz_splits_keep_unlabeled_samples_in_the_transfer_set(tmp_path):
+    import numpy as np
+
+    from softkd.data.datasets import load_splits
+
+    x, y = _digits_arrays()
+    y = y.copy()
+    y[::4] = -1  # a quarter unlabeled
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    splits = load_splits("mine", path=str(tmp_path / "d.npz"), val_fraction=0.1, test_fraction=0.2, seed=3)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == len(x)
+    assert (splits.test.y >= 0).all() and (splits.val.y >= 0).all()
+    assert int((splits.train.y == UNLABELED).sum()) == int((torch.as_tensor(y) == -1).sum())
+    again = load_splits("mine", path=str(tmp_path / "d.npz"), val_fraction=0.1, test_fraction=0.2, seed=4)
+    assert torch.equal(again.test.ids, splits.test.ids) and not torch.equal(again.val.ids, splits.val.ids)
+
+
+def test_csv_with_test_file_and_extra_unlabeled_data(tmp_path):
+    import numpy as np
+
+    from softkd.data.datasets import load_splits
+
+    x, y = _digits_arrays()
+    header = ",".join(f"p{i}" for i in range(64)) + ",digit"
+    for name, rows in (("train", slice(0, 1000)), ("test", slice(1000, 1400))):
+        lines = [header] + [",".join(f"{v:g}" for v in xi) + f",{yi}" for xi, yi in zip(x[rows], y[rows])]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    np.savez(tmp_path / "more.npz", x=x[1400:])
+    splits = load_splits("csv-digits", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+                         unlabeled_path=str(tmp_path / "more.npz"), label_column="digit", val_fraction=0.1, seed=0)
+    assert len(splits.test) == 400 and len(splits.val) == 100
+    assert len(splits.train) == 900 + len(x) - 1400
+    assert int((splits.train.y == UNLABELED).sum()) == len(x) - 1400
+    assert len(set(splits.train.ids.tolist())) == len(splits.train)  # ids stay unique
+    with pytest.raises(DataError, match="no labeled samples"):
+        load_splits("x", path=str(tmp_path / "more.npz"))
+    np.savez(tmp_path / "odd.npz", x=np.zeros((5, 3), dtype="float32"))
+    with pytest.raises(DataError, match="shape"):
+        load_splits("csv-digits", path=str(tmp_path / "train.csv"), label_column="digit",
+                    unlabeled_path=str(tmp_path / "odd.npz"))

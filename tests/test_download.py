@@ -198,3 +198,16 @@ def test_sources_pin_the_four_archives(name):
     assert sorted(source.files) == sorted(f"{stem}.gz" for stem in MNIST_FILES.values())
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in source.files.values())
     assert all(url.startswith("http") and url.endswith("/") for url in source.mirrors)
+
+
+def test_cli_data_fetch_over_loopback(tmp_path, server):
+    from typer.testing import CliRunner
+
+    from softkd.cli import app
+
+    result = CliRunner().invoke(app, ["data", "fetch", "toy", "--dest", str(tmp_path / "d"), "--base-url", server.url])
+    assert result.exit_code == 0, result.output
+    assert "files verified" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == FILES
+    bad = CliRunner().invoke(app, ["data", "fetch", "nope"])
+    assert bad.exit_code == 2 and "Unknown download 'nope'" in bad.output

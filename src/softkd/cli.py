@@ -198,6 +198,35 @@ def ls(what: str = typer.Argument("models", help="models, datasets or methods"))
         console.print(name + (f"  (alias: {', '.join(aliases)})" if aliases else ""), highlight=False)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch them into the user cache.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+@_user_errors
+def data_fetch(
+    name: str = typer.Argument(..., help="fashion-mnist or mnist"),
+    dest: Optional[Path] = typer.Option(None, help="Folder for the files; default ~/.cache/softkd/<name>."),
+    base_url: Optional[str] = typer.Option(None, help="A mirror folder URL holding the same files."),
+):
+    """Download a dataset's files, verify their sha256, and resume a partial download.
+
+    Example: softkd data fetch fashion-mnist
+    """
+    from softkd.data.download import fetch
+
+    with _progress() as progress:
+        tasks = {}
+
+        def report(file_name, done, total):
+            if file_name not in tasks:
+                tasks[file_name] = progress.add_task(file_name, total=total)
+            progress.update(tasks[file_name], completed=done)
+
+        folder = fetch(name, dest, base_url=base_url, progress=report)
+    console.print(f"{name}: files verified in {folder}")
+
+
 def main() -> None:
     app()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from softkd.errors import ConfigError, UnknownNameError
 
@@ -21,18 +21,28 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     name: str = "digits"
+    """A registered dataset (softkd ls datasets), or just a label for the user data in ``path``."""
     dir: str | None = None
+    path: str | None = None
+    """Your data: a .npz (x, optional y), a .csv (features + label column) or an image folder."""
+    test_path: str | None = None
+    """Test data in the same format; default: a fixed stratified ``test_fraction`` of ``path``."""
+    unlabeled_path: str | None = None
+    """Extra data added to the transfer set without labels (the semi-supervised case)."""
+    label_column: str = "label"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     labeled_fraction: float | list[float] = 1.0
     """One fraction, or several: each is a regime run and reported side by side."""
     seed: int = 0
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
+    @model_validator(mode="after")
+    def _known_dataset(self):
         from softkd.data.datasets import DATASETS
 
-        return _registered(DATASETS, name)
+        if self.path is None:
+            _registered(DATASETS, self.name)
+        return self
 
     @field_validator("labeled_fraction")
     @classmethod
@@ -58,6 +68,10 @@ def _registered(registry, name: str) -> str:
 
 
 def _known_model(name: str) -> str:
+    """A zoo name is checked now; 'package.module:factory', 'torchvision:' and 'timm:' specs when
+    the model is built (importing user code is not validation's business)."""
+    if ":" in name:
+        return name
     from softkd.models.zoo import MODELS
 
     return _registered(MODELS, name)
@@ -65,6 +79,8 @@ def _known_model(name: str) -> str:
 
 class TeacherConfig(_Section):
     model: str = "hinton-mlp-1200"
+    kwargs: dict = Field(default_factory=dict)
+    """Keyword arguments for a 'package.module:factory', torchvision: or timm: model."""
     checkpoint: str | None = None
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -77,6 +93,7 @@ class TeacherConfig(_Section):
 
 class StudentConfig(_Section):
     model: str = "mlp-16"
+    kwargs: dict = Field(default_factory=dict)
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 

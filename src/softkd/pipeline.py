@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from softkd.config import RunConfig, dump_config
-from softkd.data.datasets import Splits, build_dataset, keep_labels
+from softkd.data.datasets import Splits, keep_labels, load_splits
 from softkd.data.loader import build_loader
 from softkd.evaluate.metrics import classification_metrics, predict, teacher_metrics
 from softkd.models.checkpoint import load_weights, save_weights
 from softkd.models.teacher import Teacher
-from softkd.models.zoo import build_model, count_params
+from softkd.models.loading import check_num_classes, resolve_model
+from softkd.models.zoo import count_params
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
@@ -89,11 +90,16 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None) -> d
 
 
 def _prepare(config: RunConfig, *, load: bool = True):
-    splits = build_dataset(config.data.name, val_fraction=config.data.val_fraction, seed=config.data.seed,
-                           data_dir=config.data.dir)
+    d = config.data
+    splits = load_splits(d.name, path=d.path, test_path=d.test_path, unlabeled_path=d.unlabeled_path,
+                         label_column=d.label_column, data_dir=d.dir, val_fraction=d.val_fraction,
+                         test_fraction=d.test_fraction, seed=d.seed)
+    shape, classes = splits.train.input_shape, splits.train.num_classes
     torch.manual_seed(config.data.seed)
-    teacher = build_model(config.teacher.model, input_shape=splits.train.input_shape,
-                          num_classes=splits.train.num_classes)
+    teacher = resolve_model(config.teacher.model, input_shape=shape, num_classes=classes, kwargs=config.teacher.kwargs)
+    check_num_classes(teacher, input_shape=shape, num_classes=classes, role="teacher")
+    student = resolve_model(config.student.model, input_shape=shape, num_classes=classes, kwargs=config.student.kwargs)
+    check_num_classes(student, input_shape=shape, num_classes=classes, role="student")
     if load and config.teacher.checkpoint:
         load_weights(teacher, config.teacher.checkpoint)
     return splits, teacher
@@ -136,8 +142,8 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
 def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, transfer_logits, seed: int, log):
     """The same architecture, initialisation, data and budget; only the objective differs."""
     torch.manual_seed(seed)
-    student = build_model(config.student.model, input_shape=splits.train.input_shape,
-                          num_classes=splits.train.num_classes)
+    student = resolve_model(config.student.model, input_shape=splits.train.input_shape,
+                            num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
     train = config.train
     budget = dict(val_data=splits.val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
                   optimizer=train.optimizer, lr=train.lr, weight_decay=train.weight_decay,

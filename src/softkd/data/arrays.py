@@ -8,6 +8,7 @@ line and column). Labels are class indices; -1 (or an empty CSV cell) marks an u
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import re
 import warnings
@@ -26,15 +27,20 @@ from softkd.losses.logits import UNLABELED
 def load_arrays(path, **kwargs) -> ArrayDataset:
     """Dispatch on what ``path`` is: a ``.npz`` file, a ``.csv`` file or a folder of images."""
     path = Path(path).expanduser()
+    loader = {".npz": load_npz, ".csv": load_csv}.get(path.suffix.lower())
     if path.is_dir():
-        return load_image_folder(path, **kwargs)
-    loaders = {".npz": load_npz, ".csv": load_csv}
-    if path.suffix.lower() in loaders:
-        return loaders[path.suffix.lower()](path, **kwargs)
-    if not path.exists():
+        loader = load_image_folder
+    elif loader is None and not path.exists():
         raise DataError(f"No such file or folder: '{path}'; check the path.")
-    raise DataError(f"Cannot load '{path}': unknown file type '{path.suffix}'; give a .npz file, a .csv file "
-                    "or a folder of images with one subfolder per class.")
+    elif loader is None:
+        raise DataError(f"Cannot load '{path}': unknown file type '{path.suffix}'; give a .npz file, a .csv file "
+                        "or a folder of images with one subfolder per class.")
+    accepted = [p for p in inspect.signature(loader).parameters if p != "path"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"The option {unknown[0]!r} does not apply to '{path}' ({loader.__name__}); "
+                          f"it takes {', '.join(accepted)}.")
+    return loader(path, **kwargs)
 
 
 def load_npz(path, *, name: str | None = None, num_classes: int | None = None) -> ArrayDataset:
@@ -273,10 +279,14 @@ def _files_under(folder: Path) -> list[Path]:
 def _open_image(file: Path):
     try:
         image = Image.open(file)
-        image.load()
     except UnidentifiedImageError:
         raise DataError(f"'{file}' is not an image Pillow can read; remove it from the image folder.") from None
+    except OSError as exc:
+        raise DataError(f"Cannot read image '{file}' ({exc}); check its permissions.") from None
+    try:
+        image.load()
     except (OSError, SyntaxError, ValueError) as exc:
+        image.close()
         raise DataError(f"Image '{file}' is truncated or corrupt ({exc}); replace or remove it.") from None
     return image
 

@@ -170,6 +170,63 @@ def mnist(*, val_fraction: float = 0.1, seed: int = 0, data_dir: str | None = No
     return _mnist_like("mnist", val_fraction=val_fraction, seed=seed, data_dir=data_dir)
 
 
+def load_splits(
+    name: str, *, path: str | None = None, test_path: str | None = None, unlabeled_path: str | None = None,
+    label_column: str = "label", data_dir: str | None = None, val_fraction: float = 0.1,
+    test_fraction: float = 0.2, seed: int = 0,
+) -> Splits:
+    """The splits a run config's ``data`` section describes.
+
+    With ``path`` (``.npz``, ``.csv`` or an image folder) the data are the user's: the test split is
+    ``test_path``, or a fixed stratified ``test_fraction`` of the labeled samples (seed 0, so every
+    run is scored on the same samples); validation is a seeded fraction of the labeled rest, and
+    unlabeled samples always stay in the transfer set. Otherwise ``name`` is a registered dataset.
+    ``unlabeled_path`` adds an unlabeled dataset to the transfer set (its labels are dropped).
+    """
+    from softkd.data.arrays import load_arrays
+
+    def load(file):
+        return load_arrays(file, label_column=label_column) if str(file).lower().endswith(".csv") else load_arrays(file)
+
+    if path is None:
+        splits = build_dataset(name, val_fraction=val_fraction, seed=seed, data_dir=data_dir)
+    else:
+        data = load(path)
+        test = load(test_path) if test_path else None
+        num_classes = max(d.num_classes or 0 for d in (data, test) if d is not None) or None
+        data = ArrayDataset(data.x, data.y, ids=data.ids, num_classes=num_classes, name=name)
+        labeled = (data.y != UNLABELED).nonzero().flatten()
+        unlabeled = (data.y == UNLABELED).nonzero().flatten()
+        if labeled.numel() == 0:
+            raise DataError(f"'{path}' has no labeled samples; the test and validation splits need labels.")
+        if test is None:
+            keep, held = stratified_split(data.y[labeled], test_fraction, seed=0)
+            test, rest = data.subset(labeled[held], name=f"{name}/test"), labeled[keep]
+        else:
+            test, rest = ArrayDataset(test.x, test.y, num_classes=num_classes, name=f"{name}/test"), labeled
+        keep, held = stratified_split(data.y[rest], val_fraction, seed=seed) if val_fraction > 0 else (None, None)
+        train_idx = torch.cat([rest if keep is None else rest[keep], unlabeled]).sort().values
+        val = data.subset(rest[held], name=f"{name}/val") if held is not None and held.numel() else None
+        splits = Splits(train=data.subset(train_idx, name=f"{name}/train"), val=val, test=test)
+        if test.input_shape != splits.train.input_shape:
+            raise DataError(f"Test data '{test_path}' has inputs of shape {test.input_shape}, the training data "
+                            f"{splits.train.input_shape}; they must match.")
+    if unlabeled_path:
+        splits.train = add_unlabeled(splits.train, load(unlabeled_path), source=unlabeled_path)
+    return splits
+
+
+def add_unlabeled(train: ArrayDataset, extra: ArrayDataset, *, source: str) -> ArrayDataset:
+    """``train`` with ``extra``'s samples appended as unlabeled (ids after the largest in ``train``)."""
+    if extra.input_shape != train.input_shape:
+        raise DataError(f"Unlabeled data '{source}' has inputs of shape {extra.input_shape} but the transfer set "
+                        f"has {train.input_shape}; they must match.")
+    ids = extra.ids + int(train.ids.max()) + 1
+    return ArrayDataset(torch.cat([train.x, extra.x.to(train.x.dtype)]),
+                        torch.cat([train.y, torch.full_like(extra.y, UNLABELED)]),
+                        ids=torch.cat([train.ids, ids]), num_classes=train.num_classes, name=train.name)
+
+
 def split_train_val(data: ArrayDataset, val_fraction: float, *, seed: int):
     """Deterministic stratified split by seed; ``val_fraction == 0`` gives no validation set."""
     if val_fraction <= 0:
