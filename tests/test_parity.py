@@ -31,3 +31,17 @@ def test_distill_matches_plain_loop(digit_splits, trained_teacher, plain_example
     moved = max((a - b).abs().max() for a, b in zip(student.state_dict().values(), initial.values())
                 if a.is_floating_point())
     assert moved > 1e-3  # the comparison is not vacuous: training moved the weights
+
+
+def test_plain_loop_with_precomputed_logits_matches_softkd(digit_splits, trained_teacher, plain_example):
+    x, y = digit_splits.train.x[:300], digit_splits.train.y[:300]
+    with torch.no_grad():
+        logits = trained_teacher(x)
+    torch.manual_seed(3)
+    student = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)
+    reference = copy.deepcopy(student)
+    hparams = dict(epochs=2, batch_size=64, lr=3e-3, seed=1)
+    softkd.distill(student, None, softkd.ArrayDataset(x, y), teacher_logits=logits, **hparams)
+    plain_example.distill_plain(reference, trained_teacher, x, y, teacher_logits=logits, **hparams)
+    for a, b in zip(student.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,6 @@ from torch import nn
 
 import softkd
 from softkd.errors import ConfigError, DataError, InfeasibleSoftTargetsError, ShapeMismatchError, TrainingError
-from softkd.losses import UNLABELED
 from softkd.models import Teacher, build_model
 from softkd.train.optim import param_groups
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softkd.data.datasets import ArrayDataset, as_dataset
+from softkd.data.datasets import as_dataset
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError, DataError
 from softkd.losses.logits import check_beta, check_temperature, soften, validate_soft_targets
 from softkd.methods.soft_target import SoftTarget
 from softkd.models.teacher import Teacher
-from softkd.train.checks import check_classes, num_outputs
+from softkd.train.checks import check_classes
 from softkd.train.loop import FitResult, fit
 
 
