@@ -21,7 +21,9 @@ def _invoke(*args):
 def test_demo_writes_a_complete_run_directory(tmp_path):
     result = _invoke("demo", "--out", tmp_path / "demo", *TINY)
     assert result.exit_code == 0, result.output
-    assert "scratch" in result.output and "distilled" in result.output and "10% labels" in result.output
+    assert "scratch" in result.output and "distilled" in result.output and "10% labels:" in result.output
+    table = result.output.split("10% labels:")[0]
+    assert max(len(line) for line in table.splitlines()) <= 80  # readable in a plain terminal
     out = tmp_path / "demo"
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
                                                "teacher.safetensors", "teacher.json", "students"}
@@ -126,7 +128,8 @@ def test_run_loads_a_trained_teacher_and_refuses_one_that_does_not_fit(tmp_path)
 def test_ls_lists_registered_names():
     result = _invoke("ls", "methods")
     assert result.exit_code == 0 and "soft-target  (alias: soft-td)" in result.output
-    assert "mlp-<h>" in _invoke("ls", "models").output
+    models = _invoke("ls", "models").output
+    assert "mlp-<h>" in models and "resnet-64 1,226,442" in models and "wrn-40-2         params: wrn-40-2 2,243,258" in models
     assert _invoke("ls", "gadgets").exit_code == 2
 
 

@@ -116,3 +116,15 @@ def test_csv_with_test_file_and_extra_unlabeled_data(tmp_path):
     with pytest.raises(DataError, match="shape"):
         load_splits("csv-digits", path=str(tmp_path / "train.csv"), label_column="digit",
                     unlabeled_path=str(tmp_path / "odd.npz"))
+
+
+def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
+    import os
+
+    from softkd.utils import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "hello")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -112,7 +112,7 @@ def _run(config, out: Path, *, reuse: bool = False) -> None:
     """``reuse``: run into ``out`` as it is, skipping up-to-date stages (``run``); otherwise into
     a fresh folder beside it (``demo``)."""
     from softkd.pipeline import run_experiment
-    from softkd.report.summary import HEADERS, table_rows
+    from softkd.report.summary import table_rows
     from softkd.utils import fresh_dir
 
     out = out if reuse else fresh_dir(out)
@@ -122,10 +122,14 @@ def _run(config, out: Path, *, reuse: bool = False) -> None:
     table = Table(title=f"{student} ← {report['teacher']['model']} on {report['data']['name']}: test accuracy % "
                         f"({report['data']['test']} samples), mean ± std over {len(report['seeds'])} seed(s)")
     rows = table_rows(report)
-    for header in HEADERS[1:-2]:  # student in the title; params and verdict as sentences below
-        table.add_column(header)
+    # Student in the title, params and verdict as sentences below: the rest fits 80 columns.
+    headers = ["labels", "teacher", "scratch", "distilled", "gap rec.", "agree s→d", "ECE s→d"]
+    table.box, table.padding = None, (0, 1)
+    for header in headers:
+        table.add_column(header, no_wrap=True)
     for row in rows:
-        table.add_row(*row[1:-2])
+        cells = [row[1].removesuffix(" labels"), *row[2:-2]]
+        table.add_row(*(cell.replace(" → ", "→") for cell in cells))
     console.print(table)
     for row in rows:
         console.print(f"{row[0]}, {row[1]}: {row[-1]} (params student / teacher: {row[-2]})", highlight=False)
@@ -184,7 +188,8 @@ def _load_array(path: Path):
 @app.command("ls")
 @_user_errors
 def ls(what: str = typer.Argument("models", help="models, datasets or methods")):
-    """List the registered models (with parameter counts on 1×28×28, 10 classes), datasets or methods."""
+    """List the registered models (with parameter counts for 1×28×28 inputs and 10 classes),
+    datasets or methods."""
     from softkd.data.datasets import DATASETS
     from softkd.methods import OBJECTIVES
     from softkd.models.zoo import MODELS
@@ -195,7 +200,14 @@ def ls(what: str = typer.Argument("models", help="models, datasets or methods"))
     registry = registries[what]
     for name in registry.names():
         aliases = [a for a, target in registry.aliases().items() if target == name]
-        console.print(name + (f"  (alias: {', '.join(aliases)})" if aliases else ""), highlight=False)
+        line = name + (f"  (alias: {', '.join(aliases)})" if aliases else "")
+        if what == "models":
+            from softkd.models.zoo import build_model, count_params
+
+            sizes = [f"{example} {count_params(build_model(example, input_shape=(1, 28, 28), num_classes=10)):,}"
+                     for example in registry.examples(name)]
+            line = f"{line:<16} params: {', '.join(sizes)}"
+        console.print(line, highlight=False)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch them into the user cache.")

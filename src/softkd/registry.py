@@ -23,6 +23,7 @@ class Registry(Generic[T]):
         self._exact: dict[str, Callable[..., T]] = {}
         self._patterns: list[tuple[str, Callable[[str], dict | None], Callable[..., T]]] = []
         self._aliases: dict[str, str] = {}
+        self._examples: dict[str, list[str]] = {}
 
     def register(self, name: str, *, aliases: tuple[str, ...] = ()):
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
@@ -33,9 +34,11 @@ class Registry(Generic[T]):
 
         return deco
 
-    def register_pattern(self, pattern: str, matcher: Callable[[str], dict | None]):
+    def register_pattern(self, pattern: str, matcher: Callable[[str], dict | None], *, examples: tuple[str, ...] = ()):
+        """``examples``: concrete names that listings show for the pattern."""
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             self._patterns.append((pattern, matcher, factory))
+            self._examples[pattern] = list(examples)
             return factory
 
         return deco
@@ -64,6 +67,10 @@ class Registry(Generic[T]):
     def names(self, pattern: str = "*") -> list[str]:
         listed = list(self._exact) + [p for p, _, _ in self._patterns]
         return sorted(n for n in listed if fnmatch.fnmatch(n, pattern))
+
+    def examples(self, name: str) -> list[str]:
+        """Concrete names for a pattern (``mlp-<h>`` → ``mlp-128``...), or the name itself."""
+        return self._examples.get(name, [name])
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)

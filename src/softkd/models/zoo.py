@@ -39,7 +39,7 @@ def _int_suffix(prefix: str):
     return match
 
 
-@MODELS.register_pattern("mlp-<h>", _int_suffix("mlp-"))
+@MODELS.register_pattern("mlp-<h>", _int_suffix("mlp-"), examples=("mlp-16", "mlp-128"))
 def mlp(*, input_shape, num_classes, width):
     """One hidden layer of ``width`` ReLU units."""
     return nn.Sequential(
@@ -47,7 +47,7 @@ def mlp(*, input_shape, num_classes, width):
     )
 
 
-@MODELS.register_pattern("hinton-mlp-<h>", _int_suffix("hinton-mlp-"))
+@MODELS.register_pattern("hinton-mlp-<h>", _int_suffix("hinton-mlp-"), examples=("hinton-mlp-800", "hinton-mlp-1200"))
 def hinton_mlp(*, input_shape, num_classes, width):
     """Hinton et al. 2015's MNIST teacher: two hidden layers of ``width`` ReLU units with dropout."""
     return nn.Sequential(
@@ -58,15 +58,18 @@ def hinton_mlp(*, input_shape, num_classes, width):
     )
 
 
-@MODELS.register_pattern("tinycnn-<w>", _int_suffix("tinycnn-"))
+@MODELS.register_pattern("tinycnn-<w>", _int_suffix("tinycnn-"), examples=("tinycnn-16", "tinycnn-32"))
 def tinycnn(*, input_shape, num_classes, width):
-    """Two 3×3 conv layers of ``width`` and ``2·width`` channels with batch norm, then global pooling."""
-    channels = input_shape[0] if len(input_shape) == 3 else 1
+    """Two 3×3 conv layers of ``width`` and ``2·width`` channels, each with batch norm, ReLU and
+    2×2 max pooling, then a linear layer on the flattened features (tinycnn-16 on 28×28: 20.5k
+    parameters)."""
+    as_image = _AsImage(input_shape)
+    channels, height, width_px = as_image.shape
     return nn.Sequential(
-        _AsImage(input_shape),
+        as_image,
         nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * (height // 4) * (width_px // 4), num_classes),
     )
 
 
@@ -174,7 +177,7 @@ def _channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-@MODELS.register_pattern("resnet-<w>", _int_suffix("resnet-"))
+@MODELS.register_pattern("resnet-<w>", _int_suffix("resnet-"), examples=("resnet-16", "resnet-64"))
 def resnet(*, input_shape, num_classes, width):
     """A small residual net for 28×28 inputs: stem of ``w`` channels and three stages of one
     basic block each, ``w``, ``2w`` and ``4w`` channels (resnet-64: 1.2M parameters, ~0.17 GMAC)."""
