@@ -224,3 +224,18 @@ def test_run_on_a_user_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("label,a,b\n1,0.5,abc\n")
     bad = _invoke("run", config, "--out", tmp_path / "bad", "--set", f"data.path={tmp_path / 'bad.csv'}")
     assert bad.exit_code == 2 and "abc" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_nan_keeps_the_last_good_checkpoint_and_resume_checks_settings(tmp_path):
+    config = tmp_path / "nan.yaml"
+    config.write_text("teacher: {model: mlp-32, epochs: 2}\n"
+                      "train: {epochs: 2, lr: 1.0e+9, checkpoint_every: 1, batch_size: 64}\n"
+                      "data: {labeled_fraction: 1.0}\n")
+    first = _invoke("run", config, "--out", tmp_path / "run")
+    assert first.exit_code == 2 and "non-finite at step" in first.output and "last good checkpoint" in first.output
+    ckpt = tmp_path / "run" / "students" / "scratch-labels1-seed0.ckpt"
+    assert list(ckpt.glob("ckpt-*.pt"))
+    other = _invoke("run", config, "--out", tmp_path / "run", "--resume", "--set", "train.lr=2.0e-3")
+    assert other.exit_code == 2
+    assert "written with other settings (train.lr: 1000000000.0 -> 0.002)" in other.output
+    assert list(ckpt.glob("ckpt-*.pt"))  # refused, and nothing was overwritten

@@ -65,6 +65,8 @@ def run(
     config: Path = typer.Argument(..., help="YAML run config (see configs/)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted student run from its last "
+                                "checkpoint (needs train.checkpoint_every)."),
 ):
     """Run a config: train (or load) the teacher, produce and validate soft labels, train the
     scratch and distilled students for every seed and regime, evaluate, and write the report.
@@ -75,7 +77,7 @@ def run(
     from softkd.config import load_config
 
     cfg = load_config(config, set_)
-    _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem), reuse=True)
+    _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem), reuse=True, resume=resume)
 
 
 @app.command()
@@ -84,6 +86,7 @@ def teacher(
     config: Path = typer.Argument(..., help="YAML run config; its data and teacher sections are used."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (train.checkpoint_every)."),
 ):
     """Train only the teacher and save it (teacher.safetensors, teacher.json with test metrics),
     for later runs to load with teacher.checkpoint. An up-to-date teacher in --out is kept.
@@ -96,7 +99,7 @@ def teacher(
     cfg = load_config(config, set_)
     target = out or Path("runs") / f"{config.stem}-teacher"
     with _progress() as progress:
-        summary = train_teacher(cfg, out_dir=target, progress=progress)
+        summary = train_teacher(cfg, out_dir=target, progress=progress, resume=resume)
     test = summary["test"]
     console.print(f"Teacher {summary['model']} ({summary['params']:,} params) on {summary['data']}: "
                   f"test accuracy {100 * test['accuracy']:.2f}%, ECE {test['ece']:.3f}. Saved to "
@@ -108,7 +111,7 @@ def _progress() -> Progress:
     return Progress(*columns, console=errors, transient=True)
 
 
-def _run(config, out: Path, *, reuse: bool = False) -> None:
+def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> None:
     """``reuse``: run into ``out`` as it is, skipping up-to-date stages (``run``); otherwise into
     a fresh folder beside it (``demo``)."""
     from softkd.pipeline import run_experiment
@@ -117,7 +120,7 @@ def _run(config, out: Path, *, reuse: bool = False) -> None:
 
     out = out if reuse else fresh_dir(out)
     with _progress() as progress:
-        report = run_experiment(config, out_dir=out, progress=progress)
+        report = run_experiment(config, out_dir=out, progress=progress, resume=resume)
     student = next(iter(report["students"]))
     table = Table(title=f"{student} ← {report['teacher']['model']} on {report['data']['name']}: test accuracy % "
                         f"({report['data']['test']} samples), mean ± std over {len(report['seeds'])} seed(s)")

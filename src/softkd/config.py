@@ -86,7 +86,7 @@ class TeacherConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 
@@ -120,7 +120,16 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     """λ: the weight of R(θ) = ½‖w‖² on weights (not norms and biases), applied as weight decay."""
     patience: int | None = Field(None, ge=1)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; batch_size is the whole step's batch."""
+    clip_grad_norm: float | None = Field(None, gt=0)
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Save full training state every N steps and at each epoch end (softkd run --resume)."""
+    keep_last: int = Field(2, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     precision: Literal["fp32"] = "fp32"
     threads: int | None = Field(None, ge=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,15 +32,17 @@ from softkd.utils import atomic_write_text, cpu_threads
 KINDS = ("scratch", "distilled")
 
 
-def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> dict:
+def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
     """Run ``config`` into ``out_dir`` (config.yaml, metrics.jsonl, teacher.safetensors and
     teacher.json, students/, report.json, report.md), reusing stages already there that match.
-    Returns the report. ``progress`` is an optional rich Progress."""
+    With ``train.checkpoint_every`` each student run saves full state as it goes, and ``resume``
+    continues an interrupted one from its last checkpoint. Returns the report. ``progress`` is
+    an optional rich Progress."""
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
         with _Logger(out, progress, total=_count_epochs(config)) as logger:
-            teacher_key = _teacher_stage(config, teacher, splits, out, logger)
+            teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
             teacher = Teacher(teacher)
             test_batches = build_loader(splits.test, batch_size=1024)
             teacher_test_logits, test_labels = predict(teacher, test_batches)
@@ -57,8 +60,13 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> 
                             if kind == "distilled" and transfer_logits is None:
                                 transfer_logits = teacher.predict_logits(build_loader(splits.train, batch_size=1024))
                             log = logger.bind(stage=kind, labeled_fraction=fraction, seed=seed)
+                            resume_from = _checkpoints(config, out / "students" / f"{name}.ckpt", resume)
+                            run_key = {"teacher": teacher_key, "kind": kind, "labeled_fraction": fraction,
+                                       "student": config.student.model_dump(mode="json"),
+                                       "method": config.method.model_dump(mode="json"), "train": _train_key(config)}
                             student = _train_student(kind, config, splits, transfer, teacher, transfer_logits,
-                                                     seed, log)
+                                                     seed, log, checkpoint_dir=resume_from, resume=resume,
+                                                     run_key=run_key)
                             logits, _ = predict(student, test_batches)
                             result = {
                                 "kind": kind, "labeled_fraction": fraction, "seed": seed,
@@ -68,6 +76,8 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> 
                             }
                             save_weights(student, out / "students" / f"{name}.safetensors")
                             _write_stamp(out / "students" / f"{name}.json", key, result)
+                            if resume_from is not None:  # finished: its weights and stamp replace them
+                                shutil.rmtree(resume_from, ignore_errors=True)
                         else:
                             logger.skip(config.train.epochs, f"{name} (up to date)")
                         runs.append(result)
@@ -77,7 +87,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None) -> 
         return report
 
 
-def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None) -> dict:
+def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
     """Only the teacher stage: config.yaml, metrics.jsonl, teacher.safetensors (the best
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
     with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept."""
@@ -85,7 +95,7 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None) -> d
         splits, teacher = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
         with _Logger(out, progress, total=config.teacher.epochs) as logger:
-            _teacher_stage(config, teacher, splits, out, logger)
+            _teacher_stage(config, teacher, splits, out, logger, resume)
         return json.loads((out / "teacher.json").read_text())["result"]
 
 
@@ -112,7 +122,8 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     return out
 
 
-def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: "_Logger") -> str:
+def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: "_Logger",
+                   resume: bool = False) -> str:
     """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key."""
     t = config.teacher
     if t.checkpoint:
@@ -130,24 +141,42 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         logger.bind(stage="teacher")(record)
 
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
-        batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep)
+        batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep,
+        checkpoint_dir=_checkpoints(config, out / "teacher.ckpt", resume), resume=resume,
+        checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
+        run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
+                 "teacher": t.model_dump(mode="json", exclude={"checkpoint"})})
     save_weights(teacher, weights)
     (out / "teacher-last.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
     logits, labels = predict(teacher, build_loader(splits.test, batch_size=1024))
     _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
                                              "data": config.data.name, "test": classification_metrics(logits, labels)})
     return key
 
 
-def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, transfer_logits, seed: int, log):
+def _checkpoints(config: RunConfig, folder: Path, resume: bool) -> Path | None:
+    """The student run's checkpoint folder when checkpoints are on; a fresh start clears it."""
+    if config.train.checkpoint_every is None:
+        return None
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, transfer_logits, seed: int, log,
+                   **checkpointing):
     """The same architecture, initialisation, data and budget; only the objective differs."""
     torch.manual_seed(seed)
     student = resolve_model(config.student.model, input_shape=splits.train.input_shape,
                             num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
     train = config.train
     budget = dict(val_data=splits.val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
-                  optimizer=train.optimizer, lr=train.lr, weight_decay=train.weight_decay,
-                  patience=train.patience, lr_schedule=train.lr_schedule, seed=seed, log=log)
+                  accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
+                  weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
+                  lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
+                  clip_grad_norm=train.clip_grad_norm, patience=train.patience, seed=seed,
+                  checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log, **checkpointing)
     if kind == "scratch":
         return fit(student, transfer, **budget).model
     return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
@@ -155,7 +184,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
 
 
 def _train_key(config: RunConfig) -> dict:
-    return config.train.model_dump(exclude={"seeds", "threads"})
+    """Training settings that change what a student learns (not how often it is checkpointed)."""
+    return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last"})
 
 
 def _hash(*parts) -> str:

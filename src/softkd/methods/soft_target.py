@@ -27,7 +27,9 @@ class SoftTarget(nn.Module):
         self.temperature = temperature
         self.beta = beta
 
-    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, model: nn.Module, batch: dict, *, labeled_count=None, sample_count=None) -> dict[str, torch.Tensor]:
+        """``labeled_count`` / ``sample_count``: the whole batch's counts when this is one of several
+        accumulated micro-batches (see :func:`softkd.losses.kd_objective`)."""
         student_logits = model(batch["x"])
         teacher_logits = batch.get("teacher_logits")
         soft_targets = batch.get("soft_targets")
@@ -39,5 +41,5 @@ class SoftTarget(nn.Module):
                 )
         return kd_objective(
             student_logits, batch["y"], teacher_logits, soft_targets=soft_targets,
-            temperature=self.temperature, beta=self.beta,
+            temperature=self.temperature, beta=self.beta, labeled_count=labeled_count, sample_count=sample_count,
         )

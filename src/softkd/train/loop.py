@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +20,8 @@ from softkd.errors import ConfigError, TrainingError
 from softkd.evaluate.metrics import evaluate
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
+from softkd.models.checkpoint import save_weights
+from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 
 
@@ -44,13 +47,23 @@ def fit(
     epochs: int = 15,
     max_steps: int | None = None,
     batch_size: int = 256,
+    accumulate: int = 1,
     optimizer: str = "adamw",
     lr: float = 2e-3,
     weight_decay: float = 5e-4,
-    patience: int | None = None,
+    momentum: float = 0.9,
+    nesterov: bool = False,
     lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    clip_grad_norm: float | None = None,
+    patience: int | None = None,
     seed: int = 0,
     extras: dict[str, torch.Tensor] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    keep_last: int = 2,
+    resume: bool = False,
+    run_key: dict | None = None,
     log: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
@@ -58,76 +71,168 @@ def fit(
 
     Stops after ``epochs``, or ``max_steps`` optimizer steps, or when the validation score has
     not improved for ``patience`` epochs (convergence); with ``val_data`` the best epoch's
-    weights are restored. ``lr_schedule``: "constant" or "cosine" (per step, to 0 at the end of
-    the budget). The score is validation accuracy, or minus the objective's loss when
+    weights are restored. The score is validation accuracy, or minus the objective's loss when
     the validation set has no labels. ``extras`` are per-sample tensors added to each batch
     (e.g. precomputed ``teacher_logits``).
+
+    ``batch_size`` is the batch of one optimizer step; ``accumulate`` splits it into that many
+    micro-batches whose losses are normalised by the whole batch's labeled and total sample
+    counts, so the gradient equals the large batch's (batch-norm statistics aside).
+    ``lr_schedule``: constant, cosine, onecycle or step, per step, after ``warmup_steps`` of
+    linear warm-up. With ``checkpoint_dir``, full state is saved every ``checkpoint_every``
+    steps and at each epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``);
+    ``resume`` continues from the newest one exactly as if never interrupted, after checking
+    that it was written with the same ``run_key`` settings.
     """
     _check_budget(epochs, max_steps, patience)
+    if accumulate < 1 or batch_size % accumulate:
+        raise ConfigError(f"'batch_size' ({batch_size}) must be a multiple of 'accumulate' ({accumulate}) >= 1.")
     objective = objective if objective is not None else Supervised()
     train_data = as_dataset(train_data, name="train_data")
-    train_batches = build_loader(train_data, batch_size=batch_size, shuffle=True, seed=seed, extras=extras)
+    train_batches = build_loader(train_data, batch_size=batch_size // accumulate, shuffle=True, seed=seed,
+                                 extras=extras)
     check_classes(model, None, train_data)
     torch.manual_seed(seed)
     val_batches = None
     if val_data is not None:
         val_batches = build_loader(as_dataset(val_data, name="val_data"), batch_size=max(batch_size, 1024))
-    opt = build_optimizer(trainable_parameters(model, objective), name=optimizer, lr=lr, weight_decay=weight_decay)
-    total_steps = min(epochs * len(train_batches), max_steps or epochs * len(train_batches))
-    scheduler = build_scheduler(opt, lr_schedule, total_steps)
+    params = trainable_parameters(model, objective)
+    opt = build_optimizer(params, name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                          nesterov=nesterov)
+    steps_per_epoch = -(-len(train_batches) // accumulate)
+    total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
+    scheduler = build_scheduler(opt, lr_schedule, total_steps, warmup_steps=warmup_steps, max_lr=lr)
     device = next(model.parameters()).device
+    generator = getattr(train_batches, "generator", None)
     result = FitResult(model=model)
-    best_state, stale = None, 0
+    run = _RunState()
+    run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and folder is not None:
+        saved = load_latest(folder, run_key=run_key)
+        if saved is not None:
+            run = _restore(saved, model, objective, opt, scheduler, result)
 
-    for epoch in range(1, epochs + 1):
+    def checkpoint(epoch: int, done: int, epoch_start) -> None:
+        if folder is not None:
+            save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, result, run, epoch, done,
+                                              epoch_start, run_key), keep_last=keep_last)
+
+    def step(group: list[dict]) -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        counts = {}
+        if accumulate > 1:  # normalise every micro-batch by the whole batch's counts
+            counts = {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
+                      "sample_count": sum(b["x"].shape[0] for b in group)}
+        summed: dict[str, float] = {}
+        for batch in group:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            terms = objective(model, batch, **counts)
+            if not torch.isfinite(terms["loss"]):
+                raise TrainingError(_nonfinite_message(terms, result.steps + 1, folder))
+            terms["loss"].backward()
+            for key, value in terms.items():
+                summed[key] = summed.get(key, 0.0) + float(value.detach())
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        opt.step()
+        scheduler.step()
+        return summed
+
+    for epoch in range(run.epoch, epochs + 1):
+        if run.epoch_start is not None and generator is not None:
+            generator.set_state(run.epoch_start)  # resuming: replay this epoch's order, skip what was done
+            run.epoch_start = None
+        epoch_start = generator.get_state() if generator is not None else None
         model.train()
         objective.train()
-        totals: dict[str, float] = {}
-        seen = 0
-        for batch in train_batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            opt.zero_grad(set_to_none=True)
-            terms = objective(model, batch)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingError(_nonfinite_message(terms, result.steps + 1))
-            loss.backward()
-            opt.step()
-            scheduler.step()
+        group, position = [], 0
+        for position, batch in enumerate(train_batches, start=1):
+            if position <= run.done:
+                continue
+            group.append(batch)
+            if len(group) < accumulate and position < len(train_batches):
+                continue
+            n = sum(b["x"].shape[0] for b in group)
+            for key, value in step(group).items():
+                run.totals[key] = run.totals.get(key, 0.0) + value * n
+            run.seen += n
+            group = []
             result.steps += 1
-            n = batch["x"].shape[0]
-            seen += n
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) * n
             if on_step is not None:
                 on_step(result.steps)
             if max_steps is not None and result.steps >= max_steps:
                 result.stopped_by = "max_steps"
                 break
-        record = {"epoch": epoch, "step": result.steps, **{f"train_{k}": v / max(seen, 1) for k, v in totals.items()}}
+            if checkpoint_every and result.steps % checkpoint_every == 0 and position < len(train_batches):
+                run.done = position
+                checkpoint(epoch, position, epoch_start)
+        run.done = 0
+        record = {"epoch": epoch, "step": result.steps,
+                  **{f"train_{k}": v / max(run.seen, 1) for k, v in run.totals.items()}}
+        run.totals, run.seen = {}, 0
         if val_batches is not None:
             val = evaluate(model, val_batches, objective=objective)
             record.update({f"val_{k}": v for k, v in val.items()})
             score = val["accuracy"] if val.get("accuracy") is not None else -val["loss"]
             if result.best_score is None or score > result.best_score:
-                result.best_score, result.best_epoch, stale = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                result.best_score, result.best_epoch, run.stale = score, epoch, 0
+                run.best_state = copy.deepcopy(model.state_dict())
+                if folder is not None:
+                    save_weights(model, folder / "best.safetensors")
             else:
-                stale += 1
+                run.stale += 1
         result.history.append(record)
         result.epochs = epoch
         if log is not None:
             log(record)
-        if result.stopped_by == "max_steps":
-            break
-        if patience is not None and stale >= patience:
+        if patience is not None and run.stale >= patience and result.stopped_by != "max_steps":
             result.stopped_by = "patience"
+        checkpoint(epoch + 1, 0, generator.get_state() if generator is not None else None)
+        if result.stopped_by != "epochs":
             break
     opt.zero_grad(set_to_none=True)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     model.eval()
     return result
+
+
+@dataclass
+class _RunState:
+    """Where a run is, beyond what FitResult reports: what resuming needs."""
+
+    epoch: int = 1
+    done: int = 0  # micro-batches of this epoch already trained on
+    epoch_start: torch.Tensor | None = None  # the data-order generator's state when the epoch began (resuming)
+    totals: dict = field(default_factory=dict)
+    seen: int = 0
+    stale: int = 0
+    best_state: dict | None = None
+
+
+def _snapshot(model, objective, opt, scheduler, result, run, epoch, done, epoch_start, run_key) -> dict:
+    return {
+        "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": scheduler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
+        "epoch_start": epoch_start, "totals": dict(run.totals), "seen": run.seen, "stale": run.stale,
+        "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
+        "history": result.history, "stopped_by": result.stopped_by, "rng": rng_states(), "run_key": run_key,
+    }
+
+
+def _restore(saved: dict, model, objective, opt, scheduler, result: FitResult) -> _RunState:
+    model.load_state_dict(saved["model"])
+    objective.load_state_dict(saved["objective"])
+    opt.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_states(saved["rng"])
+    result.steps, result.history = saved["step"], list(saved["history"])
+    result.best_score, result.best_epoch, result.stopped_by = saved["best_score"], saved["best_epoch"], saved["stopped_by"]
+    result.epochs = saved["epoch"] - 1
+    return _RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
+                     totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
+                     best_state=saved["best_state"])
 
 
 def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> None:
@@ -139,9 +244,10 @@ def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> N
         raise ConfigError(f"The 'patience' of train must be >= 1 or null; got {patience}.")
 
 
-def _nonfinite_message(terms: dict, step: int) -> str:
+def _nonfinite_message(terms: dict, step: int, folder: Path | None) -> str:
     bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(float(v))] or ["loss"]
+    kept = f" The last good checkpoint is kept in {folder}." if folder is not None else ""
     return (
         f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
-        "lower the learning rate or check the inputs and teacher for NaN/inf."
+        f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}"
     )

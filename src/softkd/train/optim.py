@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,8 +22,8 @@ def param_groups(params, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(params, *, name: str = "adamw", lr: float = 2e-3, weight_decay: float = 5e-4,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) or SGD with momentum (decay = gradient of λ/2·‖w‖²)."""
+                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or SGD with momentum, optionally Nesterov (decay = gradient of λ/2·‖w‖²)."""
     if weight_decay < 0:
         raise ConfigError(f"The 'weight_decay' (λ) of train must be >= 0; got {weight_decay}.")
     if not lr > 0:
@@ -30,20 +32,39 @@ def build_optimizer(params, *, name: str = "adamw", lr: float = 2e-3, weight_dec
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     raise ConfigError(f"Unknown optimizer '{name}'; use one of {', '.join(OPTIMIZERS)}.")
 
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int):
-    """Per-step learning-rate schedule: constant, or cosine from ``lr`` to 0 over ``total_steps``."""
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    raise ConfigError(f"Unknown lr_schedule '{name}'; use one of {', '.join(SCHEDULES)}.")
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, *, warmup_steps: int = 0,
+                    max_lr: float | None = None):
+    """Per-step learning-rate schedule over ``total_steps``: constant; cosine to 0; onecycle
+    (up to ``max_lr`` over the first 30 %, then down); step (×0.1 at 50 % and 75 %). With
+    ``warmup_steps`` the rate first rises linearly from 0 (onecycle has its own warm-up)."""
+    total = max(total_steps, 1)
+    if name not in SCHEDULES:
+        raise ConfigError(f"Unknown lr_schedule '{name}'; use one of {', '.join(SCHEDULES)}.")
+    if warmup_steps < 0 or warmup_steps >= total and warmup_steps:
+        raise ConfigError(f"'warmup_steps' must be in [0, {total}) for a {total}-step run; got {warmup_steps}.")
+    if name == "onecycle":
+        max_lrs = [group["lr"] for group in optimizer.param_groups] if max_lr is None else max_lr
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=0.3)
+    decay = total - warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(decay, 1)
+        if name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        if name == "step":
+            return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def trainable_parameters(*modules: nn.Module) -> list[torch.nn.Parameter]:

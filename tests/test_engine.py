@@ -1,0 +1,143 @@
+"""The training engine: accumulation normalisation, schedules, clipping, exact resume."""
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import softkd
+from softkd.errors import ConfigError
+from softkd.losses import UNLABELED
+from softkd.methods import SoftTarget
+from softkd.models import build_model
+from softkd.train.optim import build_optimizer, build_scheduler
+
+
+def _mixed_labels(splits, n=256):
+    y = splits.train.y[:n].clone()
+    y[torch.arange(n) % 3 == 1] = UNLABELED  # a third unlabeled, unevenly spread over micro-batches
+    y[:40] = UNLABELED
+    return softkd.ArrayDataset(splits.train.x[:n], y)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_four_accumulated_micro_batches_equal_one_large_batch(digit_splits, trained_teacher, with_teacher):
+    data = _mixed_labels(digit_splits)
+    torch.manual_seed(0)
+    base = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
+    weights = {}
+    for accumulate in (1, 4):
+        model = copy.deepcopy(base)
+        objective = SoftTarget(teacher=trained_teacher, temperature=3.0, beta=0.6) if with_teacher else None
+        softkd.fit(model, data, objective=objective, batch_size=256, accumulate=accumulate, max_steps=1,
+                   optimizer="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+        weights[accumulate] = model.state_dict()
+    moved = max(float((weights[1][k] - base.state_dict()[k]).abs().max()) for k in weights[1])
+    assert moved > 1e-3
+    for key in weights[1]:
+        torch.testing.assert_close(weights[4][key], weights[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_size_must_split_into_micro_batches(digit_splits):
+    with pytest.raises(ConfigError, match="multiple of 'accumulate'"):
+        softkd.fit(build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10), digit_splits.train,
+                   batch_size=100, accumulate=3)
+
+
+def test_schedules_shape_the_learning_rate():
+    def lrs(name, total=100, **kw):
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], lr=1.0)
+        scheduler = build_scheduler(opt, name, total, **kw)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        return out
+
+    warm = lrs("cosine", warmup_steps=10)
+    assert warm[0] == pytest.approx(0.1) and warm[9] == pytest.approx(1.0) and warm[10] == pytest.approx(1.0)
+    assert warm[55] == pytest.approx(0.5, abs=0.02) and warm[-1] < 0.01
+    step = lrs("step")
+    assert step[49] == 1.0 and step[50] == pytest.approx(0.1) and step[75] == pytest.approx(0.01)
+    cycle = lrs("onecycle")
+    assert max(cycle) == pytest.approx(1.0, abs=1e-3) and cycle.index(max(cycle)) in range(28, 32)
+    assert cycle[0] < 0.05 and cycle[-1] < 1e-3
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        lrs("cosine", warmup_steps=100)
+
+
+def test_gradient_clipping_bounds_the_update(digit_splits):
+    torch.manual_seed(0)
+    model = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
+    before = copy.deepcopy(model.state_dict())
+    softkd.fit(model, digit_splits.train, max_steps=1, batch_size=64, optimizer="sgd", lr=1.0, momentum=0.0,
+               weight_decay=0.0, clip_grad_norm=0.01)
+    update = torch.sqrt(sum(((model.state_dict()[k] - v) ** 2).sum() for k, v in before.items()))
+    assert 0.0099 < float(update) <= 0.0100001  # SGD, lr 1: the update is the clipped gradient
+
+
+SCRIPT = r"""
+import sys, time, torch, softkd
+from softkd.data.datasets import digits
+from softkd.models import build_model
+from softkd.models.checkpoint import save_weights
+torch.set_num_threads(1)
+out, resume, slow, lr = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), float(sys.argv[4])
+splits = digits()
+torch.manual_seed(0)
+model = build_model("hinton-mlp-64", input_shape=(1, 8, 8), num_classes=10)   # dropout: RNG matters
+softkd.fit(model, splits.train, val_data=splits.val, epochs=4, batch_size=64, accumulate=2, lr=lr,
+           lr_schedule="cosine", checkpoint_dir=out + "/ckpt", checkpoint_every=3, resume=resume,
+           on_step=lambda step: time.sleep(slow), log=lambda r: open(out + "/log.jsonl", "a").write(str(r) + "\n"))
+save_weights(model, out + "/final.safetensors")
+"""
+
+
+def _run(folder, *, resume=False, slow=0.0, lr=3e-3, wait=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-c", SCRIPT, str(folder), "1" if resume else "0", str(slow), str(lr)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_minus_9_and_resume_gives_the_same_weights_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+
+    clean = _run(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    victim = _run(tmp_path / "killed", slow=0.01, wait=False)
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 120
+    while not list(ckpt.glob("ckpt-*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # a random step after the first checkpoint
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final.safetensors").exists(), "killed too late: the run had finished"
+    resumed = _run(tmp_path / "killed", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "clean" / "final.safetensors")
+    b = load_file(tmp_path / "killed" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert len(list(ckpt.glob("ckpt-*.pt"))) <= 2 and (ckpt / "best.safetensors").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, digit_splits):
+    model = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    common = dict(epochs=1, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.1}, **common)
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.1 -> 0.2\)"):
+        softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.2}, **common)
+    with pytest.raises(ConfigError, match=r"batch_size: 64 -> 128"):
+        softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.1}, **dict(common, batch_size=128))
