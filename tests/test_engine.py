@@ -141,3 +141,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, digit_splits):
         softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.2}, **common)
     with pytest.raises(ConfigError, match=r"batch_size: 64 -> 128"):
         softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.1}, **dict(common, batch_size=128))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_trains_without_nan_and_matches_fp32(digit_splits, trained_teacher, precision):
+    results = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        student = build_model("tinycnn-8", input_shape=(1, 8, 8), num_classes=10)
+        fit = softkd.distill(student, trained_teacher, digit_splits.train, val_data=digit_splits.val, epochs=6,
+                             batch_size=64, lr=3e-3, precision=p)
+        assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in fit.history)
+        assert all(param.dtype == torch.float32 for param in student.parameters())  # autocast, not .half()
+        results[p] = fit.history[-1]["val_accuracy"]
+    assert results[precision] > 0.8
+    assert abs(results[precision] - results["fp32"]) < 0.05
+
+
+def test_unknown_precision_is_refused(digit_splits):
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        softkd.fit(build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10), digit_splits.train,
+                   precision="fp8")

@@ -131,7 +131,8 @@ class TrainConfig(_Section):
     """Save full training state every N steps and at each epoch end (softkd run --resume)."""
     keep_last: int = Field(2, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Forward-pass precision: bf16 / fp16 autocast (fp16 with loss scaling); weights stay fp32."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
 

@@ -175,7 +175,7 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
                   lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
-                  clip_grad_norm=train.clip_grad_norm, patience=train.patience, seed=seed,
+                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log, **checkpointing)
     if kind == "scratch":
         return fit(student, transfer, **budget).model

@@ -23,6 +23,7 @@ from softkd.train.checks import check_classes
 from softkd.models.checkpoint import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
+from softkd.train.runtime import autocast, grad_scaler
 
 
 @dataclass
@@ -56,6 +57,7 @@ def fit(
     lr_schedule: str = "constant",
     warmup_steps: int = 0,
     clip_grad_norm: float | None = None,
+    precision: str = "fp32",
     patience: int | None = None,
     seed: int = 0,
     extras: dict[str, torch.Tensor] | None = None,
@@ -79,7 +81,7 @@ def fit(
     micro-batches whose losses are normalised by the whole batch's labeled and total sample
     counts, so the gradient equals the large batch's (batch-norm statistics aside).
     ``lr_schedule``: constant, cosine, onecycle or step, per step, after ``warmup_steps`` of
-    linear warm-up. With ``checkpoint_dir``, full state is saved every ``checkpoint_every``
+    linear warm-up. ``precision``: fp32, or bf16 / fp16 autocast (fp16 with loss scaling). With ``checkpoint_dir``, full state is saved every ``checkpoint_every``
     steps and at each epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``);
     ``resume`` continues from the newest one exactly as if never interrupted, after checking
     that it was written with the same ``run_key`` settings.
@@ -103,19 +105,22 @@ def fit(
     total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
     scheduler = build_scheduler(opt, lr_schedule, total_steps, warmup_steps=warmup_steps, max_lr=lr)
     device = next(model.parameters()).device
+    scaler = grad_scaler(precision, device)
+    autocast(precision, device)  # an unknown precision fails here, before any step
     generator = getattr(train_batches, "generator", None)
     result = FitResult(model=model)
     run = _RunState()
-    run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs)
+    run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
+                   precision=precision)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None:
         saved = load_latest(folder, run_key=run_key)
         if saved is not None:
-            run = _restore(saved, model, objective, opt, scheduler, result)
+            run = _restore(saved, model, objective, opt, scheduler, scaler, result)
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
         if folder is not None:
-            save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, result, run, epoch, done,
+            save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
                                               epoch_start, run_key), keep_last=keep_last)
 
     def step(group: list[dict]) -> dict[str, float]:
@@ -127,15 +132,18 @@ def fit(
         summed: dict[str, float] = {}
         for batch in group:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms = objective(model, batch, **counts)
+            with autocast(precision, device):
+                terms = objective(model, batch, **counts)
             if not torch.isfinite(terms["loss"]):
                 raise TrainingError(_nonfinite_message(terms, result.steps + 1, folder))
-            terms["loss"].backward()
+            scaler.scale(terms["loss"]).backward()
             for key, value in terms.items():
                 summed[key] = summed.get(key, 0.0) + float(value.detach())
         if clip_grad_norm is not None:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        opt.step()
+        scaler.step(opt)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         return summed
 
@@ -211,18 +219,19 @@ class _RunState:
     best_state: dict | None = None
 
 
-def _snapshot(model, objective, opt, scheduler, result, run, epoch, done, epoch_start, run_key) -> dict:
+def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key) -> dict:
     return {
         "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": scheduler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
         "epoch_start": epoch_start, "totals": dict(run.totals), "seen": run.seen, "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
         "history": result.history, "stopped_by": result.stopped_by, "rng": rng_states(), "run_key": run_key,
     }
 
 
-def _restore(saved: dict, model, objective, opt, scheduler, result: FitResult) -> _RunState:
+def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitResult) -> _RunState:
     model.load_state_dict(saved["model"])
+    scaler.load_state_dict(saved["scaler"])
     objective.load_state_dict(saved["objective"])
     opt.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
