@@ -239,3 +239,20 @@ def test_nan_keeps_the_last_good_checkpoint_and_resume_checks_settings(tmp_path)
     assert other.exit_code == 2
     assert "written with other settings (train.lr: 1000000000.0 -> 0.002)" in other.output
     assert list(ckpt.glob("ckpt-*.pt"))  # refused, and nothing was overwritten
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (lambda: {"x": np.zeros((0, 4), dtype=np.float32)}, "holds no samples"),
+        (lambda: {"x": np.zeros((6, 4), dtype=np.float32), "y": np.array([0, 1, -5, 1, 0, 1])}, "-5"),
+        (lambda: {"x": np.zeros((6, 4), dtype=np.float32), "y": np.array([0, 1, 1])}, "6"),
+    ],
+)
+def test_bad_user_data_exits_2_and_writes_nothing(tmp_path, arrays, message):
+    np.savez(tmp_path / "d.npz", **arrays())
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{name: mine, path: {tmp_path / 'd.npz'}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    result = _invoke("run", config)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
