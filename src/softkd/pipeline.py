@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from softkd.config import RunConfig, dump_config
 from softkd.data.datasets import Splits, keep_labels, load_splits
 from softkd.data.loader import build_loader
+from softkd.errors import ConfigError
 from softkd.evaluate.metrics import classification_metrics, predict, teacher_metrics
 from softkd.models.checkpoint import load_weights, save_weights
 from softkd.models.teacher import Teacher
@@ -38,6 +40,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     With ``train.checkpoint_every`` each student run saves full state as it goes, and ``resume``
     continues an interrupted one from its last checkpoint. Returns the report. ``progress`` is
     an optional rich Progress."""
+    _single_process("softkd run")
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
@@ -91,12 +94,20 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     """Only the teacher stage: config.yaml, metrics.jsonl, teacher.safetensors (the best
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
     with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept."""
+    _single_process("softkd teacher")
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
         with _Logger(out, progress, total=config.teacher.epochs) as logger:
             _teacher_stage(config, teacher, splits, out, logger, resume)
         return json.loads((out / "teacher.json").read_text())["result"]
+
+
+def _single_process(what: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{what} does not run under torchrun / accelerate launch yet (its stages would race to "
+                          "write the run directory); use softkd.fit / softkd.distill from Python for data-parallel "
+                          "training.")
 
 
 def _prepare(config: RunConfig, *, load: bool = True):

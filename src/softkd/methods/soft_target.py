@@ -19,6 +19,8 @@ class SoftTarget(nn.Module):
     ``soft_targets`` probabilities), else from running the frozen teacher on the batch.
     """
 
+    terms = ("loss", "ce", "kd")
+
     def __init__(self, *, teacher: nn.Module | None = None, temperature: float = 4.0, beta: float = 0.9):
         super().__init__()
         check_temperature(temperature)

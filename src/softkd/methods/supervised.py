@@ -13,6 +13,8 @@ from softkd.methods.base import OBJECTIVES
 class Supervised(nn.Module):
     """CE(s, y) over the labeled samples of the batch; unlabeled samples are ignored."""
 
+    terms = ("loss", "ce")
+
     def forward(self, model: nn.Module, batch: dict, *, labeled_count=None, sample_count=None) -> dict[str, torch.Tensor]:
         ce = cross_entropy(model(batch["x"]), batch["y"], count=labeled_count)
         return {"loss": ce, "ce": ce.detach()}

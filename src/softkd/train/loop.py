@@ -23,7 +23,7 @@ from softkd.train.checks import check_classes
 from softkd.models.checkpoint import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from softkd.train.runtime import autocast, grad_scaler
+from softkd.train.runtime import Distributed, autocast, grad_scaler
 
 
 @dataclass
@@ -87,12 +87,16 @@ def fit(
     that it was written with the same ``run_key`` settings.
     """
     _check_budget(epochs, max_steps, patience)
-    if accumulate < 1 or batch_size % accumulate:
-        raise ConfigError(f"'batch_size' ({batch_size}) must be a multiple of 'accumulate' ({accumulate}) >= 1.")
+    dist = Distributed()
+    if accumulate < 1 or batch_size % (accumulate * dist.world):
+        raise ConfigError(f"'batch_size' ({batch_size}) must be a multiple of 'accumulate' ({accumulate}) times "
+                          f"the number of processes ({dist.world}).")
     objective = objective if objective is not None else Supervised()
     train_data = as_dataset(train_data, name="train_data")
-    train_batches = build_loader(train_data, batch_size=batch_size // accumulate, shuffle=True, seed=seed,
-                                 extras=extras)
+    # Every process walks the same micro-batches of the global order and trains on its share
+    # of each step (see step()); in-memory data makes walking the others' shares free.
+    micro_batches = build_loader(train_data, batch_size=batch_size // (accumulate * dist.world), shuffle=True,
+                                 seed=seed, extras=extras)
     check_classes(model, None, train_data)
     torch.manual_seed(seed)
     val_batches = None
@@ -101,13 +105,18 @@ def fit(
     params = trainable_parameters(model, objective)
     opt = build_optimizer(params, name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov)
-    steps_per_epoch = -(-len(train_batches) // accumulate)
+    group_size = accumulate * dist.world
+    steps_per_epoch = -(-len(micro_batches) // group_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
     scheduler = build_scheduler(opt, lr_schedule, total_steps, warmup_steps=warmup_steps, max_lr=lr)
     device = next(model.parameters()).device
+    dist.sync_module_(model)
+    if not dist.is_main:  # one process logs; checkpoints are written by it and read by all
+        log = None
     scaler = grad_scaler(precision, device)
     autocast(precision, device)  # an unknown precision fails here, before any step
-    generator = getattr(train_batches, "generator", None)
+    generator = getattr(micro_batches, "generator", None)
+    term_keys = getattr(objective, "terms", ("loss",))
     result = FitResult(model=model)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
@@ -119,18 +128,20 @@ def fit(
             run = _restore(saved, model, objective, opt, scheduler, scaler, result)
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
-        if folder is not None:
+        if folder is not None and dist.is_main:
             save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
                                               epoch_start, run_key), keep_last=keep_last)
 
     def step(group: list[dict]) -> dict[str, float]:
+        """One optimizer step on a global batch: this process trains on its share of the
+        micro-batches, each normalised by the whole batch's counts, and gradients are summed."""
         opt.zero_grad(set_to_none=True)
         counts = {}
-        if accumulate > 1:  # normalise every micro-batch by the whole batch's counts
+        if len(group) > 1 or dist.world > 1:  # normalise every micro-batch by the whole batch's counts
             counts = {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
                       "sample_count": sum(b["x"].shape[0] for b in group)}
         summed: dict[str, float] = {}
-        for batch in group:
+        for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast(precision, device):
                 terms = objective(model, batch, **counts)
@@ -139,12 +150,18 @@ def fit(
             scaler.scale(terms["loss"]).backward()
             for key, value in terms.items():
                 summed[key] = summed.get(key, 0.0) + float(value.detach())
+        if dist.world > 1:
+            scaler.unscale_(opt)
+            dist.sum_gradients_(params)
+            totals = dist.sum_(torch.tensor([summed.get(k, 0.0) for k in term_keys], dtype=torch.float64))
+            summed = dict(zip(term_keys, totals.tolist()))
         if clip_grad_norm is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         scaler.step(opt)  # skipped (and the scale lowered) when fp16 gradients overflowed
         scaler.update()
         scheduler.step()
+        dist.sync_module_(model)  # batch-norm statistics: rank 0's, as DDP does
         return summed
 
     for epoch in range(run.epoch, epochs + 1):
@@ -155,11 +172,11 @@ def fit(
         model.train()
         objective.train()
         group, position = [], 0
-        for position, batch in enumerate(train_batches, start=1):
+        for position, batch in enumerate(micro_batches, start=1):
             if position <= run.done:
                 continue
             group.append(batch)
-            if len(group) < accumulate and position < len(train_batches):
+            if len(group) < group_size and position < len(micro_batches):
                 continue
             n = sum(b["x"].shape[0] for b in group)
             for key, value in step(group).items():
@@ -172,7 +189,7 @@ def fit(
             if max_steps is not None and result.steps >= max_steps:
                 result.stopped_by = "max_steps"
                 break
-            if checkpoint_every and result.steps % checkpoint_every == 0 and position < len(train_batches):
+            if checkpoint_every and result.steps % checkpoint_every == 0 and position < len(micro_batches):
                 run.done = position
                 checkpoint(epoch, position, epoch_start)
         run.done = 0
@@ -186,7 +203,7 @@ def fit(
             if result.best_score is None or score > result.best_score:
                 result.best_score, result.best_epoch, run.stale = score, epoch, 0
                 run.best_state = copy.deepcopy(model.state_dict())
-                if folder is not None:
+                if folder is not None and dist.is_main:
                     save_weights(model, folder / "best.safetensors")
             else:
                 run.stale += 1

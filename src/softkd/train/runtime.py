@@ -5,6 +5,7 @@ losses upcast to float32 before their reductions (softkd.losses)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -25,3 +26,47 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Dynamic loss scaling for fp16 (its narrow exponent underflows small gradients); a no-op otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+class Distributed:
+    """This process's place in a data-parallel run started by ``torchrun`` or ``accelerate
+    launch`` (rank 0 of 1 otherwise). Accelerate sets up torch.distributed: gloo on CPU, nccl
+    on GPUs."""
+
+    def __init__(self):
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world = state.process_index, state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all processes, in place."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def sum_gradients_(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum gradients over processes in one flat all-reduce (a process with no samples in the
+        step contributes zeros). Every process normalised its loss by the global counts, so the
+        sum is the full batch's gradient."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.sum_(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def sync_module_(self, module: torch.nn.Module) -> None:
+        """Give every process rank 0's parameters and buffers (batch-norm statistics)."""
+        if self.world > 1:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
