@@ -39,7 +39,9 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     assert report["config"]["method"]["temperature"] == 4.0 and report["versions"]["torch"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["stage"] for line in lines} == {"teacher", "scratch", "distilled"}
-    assert len(lines) == 2 + 2 * 2 * 2 * 2  # teacher epochs + regimes × seeds × kinds × epochs
+    epochs = [line for line in lines if line.get("kind") != "step"]
+    assert len(epochs) == 2 + 2 * 2 * 2 * 2  # teacher epochs + regimes × seeds × kinds × epochs
+    assert all(line["images_per_s"] > 0 and line["epoch_s"] > 0 for line in epochs)
     again = _invoke("demo", "--out", out, *TINY)  # a second run never overwrites the first
     assert again.exit_code == 0 and (tmp_path / "demo-2" / "report.json").is_file()
 
@@ -154,7 +156,10 @@ def test_teacher_verb_trains_and_saves_only_the_teacher(tmp_path):
     weights = (tmp_path / "t" / "teacher.safetensors").read_bytes()
     assert _invoke("teacher", config, "--out", tmp_path / "t").exit_code == 0  # up to date: kept as it is
     assert (tmp_path / "t" / "teacher.safetensors").read_bytes() == weights
-    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 8
+    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r.get("kind") != "step"]) == 8  # one per epoch, none added by the rerun
+    steps = [r for r in records if r.get("kind") == "step"]
+    assert [r["step"] for r in steps] == [50] and steps[0]["images_per_s"] > 0 and 0 < steps[0]["lr"] < 1e-2
 
 
 def test_run_skips_stages_that_match_and_reruns_what_a_change_affects(tmp_path):
@@ -165,7 +170,7 @@ def test_run_skips_stages_that_match_and_reruns_what_a_change_affects(tmp_path):
 
     def stages():
         lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-        return [(line["stage"], line.get("seed")) for line in lines if line["epoch"] == 1]
+        return [(line["stage"], line.get("seed")) for line in lines if line["epoch"] == 1 and "kind" not in line]
 
     assert _invoke("run", config).exit_code == 0
     first = json.loads((tmp_path / "run" / "report.json").read_text())

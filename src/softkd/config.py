@@ -130,6 +130,8 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(None, ge=1)
     """Save full training state every N steps and at each epoch end (softkd run --resume)."""
     keep_last: int = Field(2, ge=1)
+    log_every: int | None = Field(50, ge=1)
+    """Write a step record (loss terms, lr, images/s) to metrics.jsonl every N steps."""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Forward-pass precision: bf16 / fp16 autocast (fp16 with loss scaling); weights stay fp32."""

@@ -147,12 +147,16 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         logger.skip(t.epochs, "teacher (up to date)")
         return key
 
+    log = logger.bind(stage="teacher")
+
     def log_and_keep(record: dict) -> None:
-        save_weights(teacher, out / "teacher-last.safetensors")  # a long run killed midway keeps its epochs
-        logger.bind(stage="teacher")(record)
+        if record.get("kind") != "step":
+            save_weights(teacher, out / "teacher-last.safetensors")  # a long run killed midway keeps its epochs
+        log(record)
 
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep,
+        log_every=config.train.log_every,
         checkpoint_dir=_checkpoints(config, out / "teacher.ckpt", resume), resume=resume,
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
@@ -187,7 +191,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
                   lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
                   clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience, seed=seed,
-                  checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log, **checkpointing)
+                  checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
+                  log_every=train.log_every, **checkpointing)
     if kind == "scratch":
         return fit(student, transfer, **budget).model
     return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
@@ -196,7 +201,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
 
 def _train_key(config: RunConfig) -> dict:
     """Training settings that change what a student learns (not how often it is checkpointed)."""
-    return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last"})
+    return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last",
+                                                         "log_every"})
 
 
 def _hash(*parts) -> str:
@@ -242,8 +248,9 @@ class _Logger:
         def log(record: dict) -> None:
             self.file.write(json.dumps({**tags, **record}) + "\n")
             self.file.flush()
-            if self.progress is not None:
-                self.progress.update(self.task, advance=1, description=_describe_job(tags, record))
+            if self.progress is not None:  # the bar counts epochs; step records refresh the figures
+                advance = 0 if record.get("kind") == "step" else 1
+                self.progress.update(self.task, advance=advance, description=_describe_job(tags, record))
         return log
 
     def skip(self, epochs: int, description: str) -> None:
@@ -255,5 +262,8 @@ def _describe_job(tags: dict, record: dict) -> str:
     name = tags["stage"]
     if "seed" in tags:
         name += f" {tags['labeled_fraction']:.0%} labels seed {tags['seed']}"
-    acc = record.get("val_accuracy")
-    return f"{name:<34} epoch {record['epoch']:>3}" + (f"  val acc {acc:.3f}" if acc is not None else "")
+    figures = [f"epoch {record['epoch']:>3}", f"loss {record.get('train_loss', float('nan')):.3f}"]
+    if record.get("val_accuracy") is not None:
+        figures.append(f"val acc {record['val_accuracy']:.3f}")
+    figures.append(f"{record.get('images_per_s', 0):,.0f} img/s")
+    return f"{name:<32} " + "  ".join(figures)

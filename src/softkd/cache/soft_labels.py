@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from softkd.cache.fingerprint import differences, ids_sha256, teacher_sha256
+from softkd.cache.fingerprint import _as_json_data, differences, ids_sha256, teacher_sha256
 from softkd.data.datasets import ArrayDataset
 from softkd.errors import SoftKDError
 from softkd.utils import atomic_write_text
@@ -74,7 +74,7 @@ class SoftLabelCache:
     def build(cls, folder: str | Path, teacher: nn.Module, dataset: ArrayDataset, *, fingerprint: dict,
               dtype: str = "fp16", top_k: int | None = None, views: int = 1, view_fn=None,
               shard_size: int = 16384, batch_size: int = 1024, progress=None,
-              overwrite: bool = False) -> "SoftLabelCache":
+              overwrite: bool = False) -> SoftLabelCache:
         """Run ``teacher`` once over ``dataset`` and store its raw logits in ``folder``.
 
         ``view_fn(x, ids, view) -> x_view`` makes view ``view``'s inputs (its augmentation fully
@@ -87,6 +87,8 @@ class SoftLabelCache:
         folder = Path(folder)
         _check_options(dtype=dtype, top_k=top_k, views=views, view_fn=view_fn, shard_size=shard_size,
                        batch_size=batch_size)
+        if not isinstance(teacher, nn.Module):
+            raise CacheError(f"SoftLabelCache.build needs the teacher as an nn.Module; got {type(teacher).__name__}.")
         if not isinstance(dataset, ArrayDataset):
             raise CacheError(f"SoftLabelCache.build needs an ArrayDataset; got {type(dataset).__name__}.")
         _check_fingerprint(fingerprint, teacher=teacher, dataset=dataset, dtype=dtype, top_k=top_k, views=views)
@@ -100,7 +102,7 @@ class SoftLabelCache:
                 raise CacheError(f"The 'top_k' of the soft-label cache must be <= the teacher's {run.num_classes} "
                                  f"classes; got {top_k} (use top_k=None to store all logits).")
             plan = {
-                "format_version": FORMAT_VERSION, "fingerprint": json.loads(json.dumps(fingerprint)),
+                "format_version": FORMAT_VERSION, "fingerprint": _as_json_data(fingerprint),
                 "num_samples": len(dataset), "num_classes": run.num_classes, "views": views, "dtype": dtype,
                 "top_k": top_k, "shard_size": shard_size, "ids_sha256": ids_sha256(dataset.ids),
             }
@@ -126,7 +128,7 @@ class SoftLabelCache:
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: str | Path, *, fingerprint: dict | None = None) -> "SoftLabelCache":
+    def open(cls, folder: str | Path, *, fingerprint: dict | None = None) -> SoftLabelCache:
         """The complete cache in ``folder``; with ``fingerprint``, it must be the one this run expects.
 
         Checks that every shard exists with its recorded size; reads no shard (see :meth:`verify`).
@@ -327,14 +329,15 @@ def _remove_leftovers(folder: Path, *, keep: set[str]) -> None:
 
 @contextmanager
 def _inference(teacher: nn.Module):
-    """Eval mode and no autograd for the build; a plain module gets its training flag back."""
-    was_training = teacher.training
+    """Eval mode and no autograd for the build; every submodule gets its own training flag back."""
+    modes = [(module, module.training) for module in teacher.modules()]
     teacher.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        teacher.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def _check_manifest(m) -> None:
     if k is not None and not (isinstance(k, int) and 1 <= k <= c):
         raise ValueError(f"top_k {k!r} is not in 1..{c}")
     if not isinstance(m["fingerprint"], dict):
-        raise ValueError("the fingerprint is not a dict")
+        raise TypeError("the fingerprint is not a dict")
     sample_bytes, shards = _sample_dtype(m["dtype"], v, c, k).itemsize, m["shards"]
     if len(shards) != -(-n // size):
         raise ValueError(f"{len(shards)} shards for {n} samples of {size} per shard")

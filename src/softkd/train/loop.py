@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,7 @@ def fit(
     resume: bool = False,
     run_key: dict | None = None,
     log: Callable[[dict], None] | None = None,
+    log_every: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_data`` with ``objective`` (default: cross-entropy).
@@ -85,6 +87,10 @@ def fit(
     steps and at each epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``);
     ``resume`` continues from the newest one exactly as if never interrupted, after checking
     that it was written with the same ``run_key`` settings.
+
+    ``log`` receives one record per epoch (train terms, validation metrics, epoch seconds,
+    images/s) and, every ``log_every`` steps, a ``{"kind": "step", ...}`` record (loss terms of
+    that step, learning rate, images/s since the last one).
     """
     _check_budget(epochs, max_steps, patience)
     dist = Distributed()
@@ -172,6 +178,8 @@ def fit(
         model.train()
         objective.train()
         group, position = [], 0
+        epoch_began = logged_at = time.perf_counter()
+        seen_at_log = run.seen
         for position, batch in enumerate(micro_batches, start=1):
             if position <= run.done:
                 continue
@@ -179,11 +187,18 @@ def fit(
             if len(group) < group_size and position < len(micro_batches):
                 continue
             n = sum(b["x"].shape[0] for b in group)
-            for key, value in step(group).items():
+            terms = step(group)
+            for key, value in terms.items():
                 run.totals[key] = run.totals.get(key, 0.0) + value * n
             run.seen += n
             group = []
             result.steps += 1
+            if log is not None and log_every and result.steps % log_every == 0:
+                now = time.perf_counter()
+                log({"kind": "step", "epoch": epoch, "step": result.steps, "lr": opt.param_groups[0]["lr"],
+                     **{f"train_{k}": v for k, v in terms.items()},
+                     "images_per_s": (run.seen - seen_at_log) / max(now - logged_at, 1e-9)})
+                logged_at, seen_at_log = now, run.seen
             if on_step is not None:
                 on_step(result.steps)
             if max_steps is not None and result.steps >= max_steps:
@@ -193,8 +208,10 @@ def fit(
                 run.done = position
                 checkpoint(epoch, position, epoch_start)
         run.done = 0
+        seconds = time.perf_counter() - epoch_began
         record = {"epoch": epoch, "step": result.steps,
-                  **{f"train_{k}": v / max(run.seen, 1) for k, v in run.totals.items()}}
+                  **{f"train_{k}": v / max(run.seen, 1) for k, v in run.totals.items()},
+                  "epoch_s": seconds, "images_per_s": run.seen / max(seconds, 1e-9)}
         run.totals, run.seen = {}, 0
         if val_batches is not None:
             val = evaluate(model, val_batches, objective=objective)
