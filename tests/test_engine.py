@@ -162,3 +162,15 @@ def test_unknown_precision_is_refused(digit_splits):
     with pytest.raises(ConfigError, match="precision 'fp8'"):
         softkd.fit(build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10), digit_splits.train,
                    precision="fp8")
+
+
+def test_device_selection():
+    from softkd.train.runtime import select_device
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else select_device("auto").type)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda' is not available"):
+            select_device("cuda")
+    with pytest.raises(ConfigError, match="Unknown device 'tpu'"):
+        select_device("tpu")

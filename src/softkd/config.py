@@ -135,6 +135,7 @@ class TrainConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Forward-pass precision: bf16 / fp16 autocast (fp16 with loss scaling); weights stay fp32."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
 

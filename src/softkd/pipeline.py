@@ -29,6 +29,7 @@ from softkd.models.zoo import count_params
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
+from softkd.train.runtime import select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 KINDS = ("scratch", "distilled")
@@ -123,7 +124,7 @@ def _prepare(config: RunConfig, *, load: bool = True):
     check_num_classes(student, input_shape=shape, num_classes=classes, role="student")
     if load and config.teacher.checkpoint:
         load_weights(teacher, config.teacher.checkpoint)
-    return splits, teacher
+    return splits, teacher.to(select_device(config.train.device))
 
 
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
@@ -186,6 +187,7 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
     student = resolve_model(config.student.model, input_shape=splits.train.input_shape,
                             num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
     train = config.train
+    student = student.to(select_device(train.device))
     budget = dict(val_data=splits.val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,

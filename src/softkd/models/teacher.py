@@ -34,4 +34,5 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def predict_logits(self, batches) -> torch.Tensor:
         """Teacher logits for every batch of an unshuffled loader, concatenated in dataset order."""
-        return torch.cat([self(batch["x"]).float() for batch in batches])
+        device = next(self.module.parameters(), torch.empty(0)).device
+        return torch.cat([self(batch["x"].to(device)).float().cpu() for batch in batches])

@@ -13,6 +13,23 @@ import torch
 from softkd.errors import ConfigError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else Apple's MPS, else the CPU; a named device must exist.
+    Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}
+    if name == "auto":
+        name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if name not in available:
+        raise ConfigError(f"Unknown device '{name}'; use one of {', '.join(DEVICES)}.")
+    if not available[name]:
+        raise ConfigError(f"The device '{name}' is not available on this machine; use 'auto' or 'cpu'.")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
 
 
 def autocast(precision: str, device: torch.device):
