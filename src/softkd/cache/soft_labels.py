@@ -34,7 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from softkd.cache.fingerprint import _as_json_data, differences, ids_sha256, teacher_sha256
+from softkd.cache.fingerprint import (
+    _as_json_data,
+    differences,
+    ids_sha256,
+    teacher_sha256,
+)
 from softkd.data.datasets import ArrayDataset
 from softkd.errors import SoftKDError
 from softkd.utils import atomic_write_text
@@ -266,7 +271,8 @@ class _TeacherRun:
         values, indices = logits.topk(self.top_k, dim=-1)  # (B, V, k), largest first
         log_tail = logits.scatter(-1, indices, float("-inf")).logsumexp(-1)  # (B, V); -inf if k == C
         records = np.empty(stop - start, _sample_dtype(self.dtype, self.views, self.num_classes, self.top_k))
-        records["values"], records["indices"], records["log_tail"] = values.numpy(), indices.numpy(), log_tail.numpy()
+        records["values"], records["indices"] = values.numpy(), indices.numpy()
+        records["log_tail"] = log_tail.numpy()
         return records.tobytes()
 
 
