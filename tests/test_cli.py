@@ -26,7 +26,7 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     assert max(len(line) for line in table.splitlines()) <= 80  # readable in a plain terminal
     out = tmp_path / "demo"
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
-                                               "teacher.safetensors", "teacher.json", "students"}
+                                               "teacher.safetensors", "teacher.json", "students", "cache"}
     students = sorted(p.name for p in (out / "students").iterdir())
     assert len(students) == 2 * 2 * 2 * 2  # regimes × seeds × kinds × (weights, stamp)
     assert "distilled-labels0.1-seed1.safetensors" in students and "scratch-labels1-seed0.json" in students
@@ -261,3 +261,39 @@ def test_bad_user_data_exits_2_and_writes_nothing(tmp_path, arrays, message):
     result = _invoke("run", config)
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cache_build_info_verify_and_reuse_by_run(tmp_path):
+    config = tmp_path / "c.yaml"
+    shared = tmp_path / "shared-cache"
+    config.write_text("teacher: {model: mlp-32, epochs: 2}\ntrain: {epochs: 1}\n"
+                      f"cache: {{dir: {shared}, dtype: fp32}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    built = _invoke("cache", "build", config)
+    assert built.exit_code == 0, built.output
+    assert (shared / "manifest.json").is_file() and "samples: 1295" in built.output.replace("  ", " ")
+    assert _invoke("cache", "info", shared).exit_code == 0
+    assert "OK" in _invoke("cache", "verify", shared).output
+    manifest = (shared / "manifest.json").read_bytes()
+    ran = _invoke("run", config)  # the same teacher and data: the run reads the cache, does not rebuild it
+    assert ran.exit_code == 0, ran.output
+    assert (shared / "manifest.json").read_bytes() == manifest
+    other = _invoke("run", config, "--set", "teacher.epochs=3", "--out", tmp_path / "run2")  # another teacher
+    assert other.exit_code == 2 and "teacher_sha256" in other.output and "softkd cache build" in other.output
+    shard = next(shared.glob("shard-*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    broken = _invoke("cache", "verify", shared)
+    assert broken.exit_code == 2 and shard.name in broken.output
+    assert _invoke("cache", "info", tmp_path / "nowhere").exit_code == 2
+
+
+def test_run_with_its_own_cache_matches_the_uncached_run(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-32, epochs: 2}\ntrain: {epochs: 2}\ncache: {dtype: fp32}\n")
+    for name, extra in (("cached", []), ("live", ["--set", "cache.enabled=false"])):
+        result = _invoke("run", config, "--out", tmp_path / name, *extra)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "cached" / "cache" / "manifest.json").is_file() and not (tmp_path / "live" / "cache").exists()
+    reports = [json.loads((tmp_path / n / "report.json").read_text())["students"] for n in ("cached", "live")]
+    assert reports[0] == reports[1]  # fp32 cache: the very same logits as running the teacher

@@ -140,6 +140,18 @@ class TrainConfig(_Section):
     """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
 
 
+class CacheConfig(_Section):
+    """The soft-label cache: the teacher's raw logits on the transfer set, computed once."""
+
+    enabled: bool = True
+    dir: str | None = None
+    """Default: <run directory>/cache, rebuilt when stale. A folder named here can be shared by
+    runs; one built for another teacher or data is refused, naming what differs."""
+    dtype: Literal["fp16", "fp32"] = "fp16"
+    top_k: int | None = Field(None, ge=1)
+    """Store only the k largest logits and the tail's mass (large label spaces)."""
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; default ``runs/<config file name>``."""
@@ -151,6 +163,7 @@ class RunConfig(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 

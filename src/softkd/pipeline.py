@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from softkd.train.distill import distill
 from softkd.train.loop import fit
 from softkd.train.runtime import select_device
 from softkd.utils import atomic_write_text, cpu_threads
+
+if TYPE_CHECKING:
+    from softkd.cache import SoftLabelCache
 
 KINDS = ("scratch", "distilled")
 
@@ -58,11 +62,12 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                     for kind in KINDS:
                         name = f"{kind}-labels{fraction:g}-seed{seed}"
                         key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
-                                    config.method if kind == "distilled" else None)
+                                    config.method if kind == "distilled" else None,
+                                    config.cache.model_dump(exclude={"dir"}) if kind == "distilled" else None)
                         result = _read_stamp(out / "students" / f"{name}.json", key)
                         if result is None:
                             if kind == "distilled" and transfer_logits is None:
-                                transfer_logits = teacher.predict_logits(build_loader(splits.train, batch_size=1024))
+                                transfer_logits = _transfer_logits(config, teacher, splits, out, logger)
                             log = logger.bind(stage=kind, labeled_fraction=fraction, seed=seed)
                             resume_from = _checkpoints(config, out / "students" / f"{name}.ckpt", resume)
                             run_key = {"teacher": teacher_key, "kind": kind, "labeled_fraction": fraction,
@@ -102,6 +107,50 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
         with _Logger(out, progress, total=config.teacher.epochs) as logger:
             _teacher_stage(config, teacher, splits, out, logger, resume)
         return json.loads((out / "teacher.json").read_text())["result"]
+
+
+def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> SoftLabelCache:
+    """Only the cache stage (``softkd cache build``): the teacher (loaded from
+    ``teacher.checkpoint`` or trained into ``out_dir``) runs once over the transfer set."""
+    _single_process("softkd cache build")
+    with cpu_threads(config.train.threads):
+        splits, teacher = _prepare(config)
+        out = _open_run_dir(config, out_dir)
+        with _Logger(out, progress, total=config.teacher.epochs) as logger:
+            _teacher_stage(config, teacher, splits, out, logger)
+            return _open_or_build_cache(config, Teacher(teacher), splits, out, logger)
+
+
+def _transfer_logits(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> torch.Tensor:
+    """The teacher's raw logits on the transfer set, in its order: from the soft-label cache, or
+    computed here when the cache is off."""
+    if not config.cache.enabled:
+        return teacher.predict_logits(build_loader(splits.train, batch_size=1024))
+    cache = _open_or_build_cache(config, teacher, splits, out, logger)
+    return cache.logits(torch.arange(len(splits.train)))
+
+
+def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> SoftLabelCache:
+    from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
+
+    d = config.data
+    expected = fingerprint(
+        teacher=teacher, dtype=config.cache.dtype, top_k=config.cache.top_k,
+        data={"name": d.name, "path": d.path, "unlabeled_path": d.unlabeled_path, "split": "train",
+              "val_fraction": d.val_fraction, "seed": d.seed, "n": len(splits.train),
+              "ids_sha256": ids_sha256(splits.train.ids)},
+    )
+    shared = config.cache.dir is not None
+    folder = Path(config.cache.dir) if shared else out / "cache"
+    if (folder / "manifest.json").exists():
+        try:
+            return SoftLabelCache.open(folder, fingerprint=expected)
+        except CacheError:
+            if shared:  # someone else's cache: never replace it behind their back
+                raise
+    logger.skip(0, "teacher → soft-label cache")
+    return SoftLabelCache.build(folder, teacher, splits.train, fingerprint=expected, dtype=config.cache.dtype,
+                                top_k=config.cache.top_k, overwrite=not shared)
 
 
 def _single_process(what: str) -> None:
