@@ -83,10 +83,13 @@ def fit(
     micro-batches whose losses are normalised by the whole batch's labeled and total sample
     counts, so the gradient equals the large batch's (batch-norm statistics aside).
     ``lr_schedule``: constant, cosine, onecycle or step, per step, after ``warmup_steps`` of
-    linear warm-up. ``precision``: fp32, or bf16 / fp16 autocast (fp16 with loss scaling). With ``checkpoint_dir``, full state is saved every ``checkpoint_every``
-    steps and at each epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``);
-    ``resume`` continues from the newest one exactly as if never interrupted, after checking
-    that it was written with the same ``run_key`` settings.
+    linear warm-up. ``precision``: fp32, or bf16 / fp16 autocast (fp16 with loss scaling).
+
+    With ``checkpoint_dir``, full state is saved every ``checkpoint_every`` steps and at each
+    epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``); ``resume`` continues
+    from the newest one exactly as if never interrupted, after checking that it was written
+    with the same ``run_key`` settings. Under torchrun / accelerate launch each process trains
+    on its share of every step's batch and gradients are summed (see ``Distributed``).
 
     ``log`` receives one record per epoch (train terms, validation metrics, epoch seconds,
     images/s) and, every ``log_every`` steps, a ``{"kind": "step", ...}`` record (loss terms of
