@@ -19,7 +19,6 @@ Logits are stored before temperature, so one cache serves every temperature.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -42,7 +41,7 @@ from softkd.cache.fingerprint import (
 )
 from softkd.data.datasets import ArrayDataset
 from softkd.errors import SoftKDError
-from softkd.utils import atomic_write_text
+from softkd.utils import atomic_write_text, fsync_dir, sha256_file
 
 FORMAT, FORMAT_VERSION = "softkd-soft-labels", 1
 MANIFEST, PROGRESS, STAGING = "manifest.json", "progress.json", ".staging"
@@ -196,7 +195,7 @@ class SoftLabelCache:
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
             _check_size(path, entry["bytes"])
-            if _sha256_file(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise CacheError(f"Shard '{path}' is corrupt: its sha256 differs from the manifest's; "
                                  f"rebuild the cache with {_BUILD}.")
 
@@ -300,9 +299,9 @@ def _write_shards(work: Path, run: _TeacherRun, plan: dict, *, batch_size: int, 
                 tmp.unlink(missing_ok=True)
                 raise
             os.replace(tmp, work / name)
-            _fsync_dir(work)
+            fsync_dir(work)
             entry = {"file": name, "samples": stop - start, "bytes": (stop - start) * sample_bytes,
-                     "sha256": _sha256_file(work / name)}
+                     "sha256": sha256_file(work / name)}
             finished[name] = entry
             atomic_write_text(work / PROGRESS, json.dumps({"plan": plan, "shards": list(finished.values())}))
         shards.append(entry)
@@ -321,7 +320,7 @@ def _finished_shards(work: Path, plan: dict) -> dict[str, dict]:
 
 
 def _intact(path: Path, entry: dict) -> bool:
-    return path.is_file() and path.stat().st_size == entry["bytes"] and _sha256_file(path) == entry["sha256"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
 
 
 def _remove_leftovers(folder: Path, *, keep: set[str]) -> None:
@@ -450,23 +449,3 @@ def _check_size(path: Path, expected: int) -> None:
                          f"replaced); rebuild the cache with {_BUILD}.")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

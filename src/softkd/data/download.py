@@ -9,7 +9,6 @@ Standard library only (``urllib``).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from softkd.utils import fsync_dir, sha256_file
 from softkd.errors import DataError, UnknownNameError
 
 __all__ = ["SOURCES", "Source", "fetch"]
@@ -90,7 +90,7 @@ def fetch(name: str, dest: str | Path | None = None, *, base_url: str | None = N
     for file_name, sha256 in source.files.items():
         final = dest / file_name
         if final.exists():
-            got = _sha256(final)
+            got = sha256_file(final)
             if got != sha256:
                 raise DataError(f"'{final}' exists but its sha256 is {got}, expected {sha256}; "
                                 f"delete it and fetch {name} again.")
@@ -158,7 +158,7 @@ def _download(url: str, part: Path, final: Path, sha256: str, *, timeout: float,
 
 
 def _verify_and_rename(part: Path, final: Path, sha256: str, url: str) -> None:
-    got = _sha256(part)
+    got = sha256_file(part)
     if got != sha256:
         part.unlink()
         raise DataError(f"{final.name} from {url} has sha256 {got}, expected {sha256}; the download was "
@@ -168,7 +168,7 @@ def _verify_and_rename(part: Path, final: Path, sha256: str, url: str) -> None:
         part.unlink()
         return
     os.replace(part, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _range_start(content_range: str | None) -> int | None:
@@ -176,23 +176,3 @@ def _range_start(content_range: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder entry is on disk; not every OS can open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
