@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from softkd.cache import SoftLabelCache
 from softkd.config import RunConfig, load_config
 from softkd.data import ArrayDataset, build_dataset, build_loader, keep_labels
 from softkd.errors import SoftKDError
@@ -14,7 +15,7 @@ from softkd.train.distill import distill
 from softkd.train.loop import FitResult, fit
 
 __all__ = [
-    "ArrayDataset", "FitResult", "RunConfig", "SoftKDError", "SoftTarget", "Supervised", "Teacher",
+    "ArrayDataset", "FitResult", "RunConfig", "SoftKDError", "SoftLabelCache", "SoftTarget", "Supervised", "Teacher",
     "__version__", "build_dataset", "build_loader", "build_model", "build_objective", "distill",
     "evaluate", "fit", "kd_objective", "keep_labels", "list_models", "load_config", "run_experiment",
     "soft_target_kl", "soften", "validate_soft_targets",
