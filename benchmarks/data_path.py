@@ -28,6 +28,7 @@ import torch
 import softkd
 from softkd.data.datasets import build_dataset
 from softkd.models.checkpoint import load_weights
+from softkd.train.runtime import inference_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "teachers" / "resnet64-fashion-mnist" / "teacher.safetensors"
@@ -76,7 +77,7 @@ def main() -> None:
     xs, ys = x[: args.teacher_samples], y[: args.teacher_samples]
 
     def teacher_pass():  # what softkd does once per run
-        teacher.predict_logits(softkd.build_loader(softkd.ArrayDataset(xs, ys), batch_size=1024))
+        teacher.predict_logits(softkd.build_loader(softkd.ArrayDataset(xs, ys), batch_size=inference_batch_size(teacher)))
 
     def plain_online_epoch():  # the reference loop as written: the teacher at every step
         plain.distill_plain(copy.deepcopy(student0), teacher, xs, ys, epochs=1, **SETTINGS)

@@ -30,7 +30,7 @@ from softkd.models.zoo import count_params
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
-from softkd.train.runtime import select_device
+from softkd.train.runtime import inference_batch_size, select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
         with _Logger(out, progress, total=_count_epochs(config)) as logger:
             teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
             teacher = Teacher(teacher)
-            test_batches = build_loader(splits.test, batch_size=1024)
+            test_batches = build_loader(splits.test, batch_size=inference_batch_size(teacher))
             teacher_test_logits, test_labels = predict(teacher, test_batches)
             transfer_logits = None  # the teacher's pass over the transfer set, shared by every run
             runs = []
@@ -125,7 +125,7 @@ def _transfer_logits(config: RunConfig, teacher: Teacher, splits: Splits, out: P
     """The teacher's raw logits on the transfer set, in its order: from the soft-label cache, or
     computed here when the cache is off."""
     if not config.cache.enabled:
-        return teacher.predict_logits(build_loader(splits.train, batch_size=1024))
+        return teacher.predict_logits(build_loader(splits.train, batch_size=inference_batch_size(teacher)))
     cache = _open_or_build_cache(config, teacher, splits, out, logger)
     return cache.logits(torch.arange(len(splits.train)))
 
@@ -150,7 +150,8 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
                 raise
     logger.skip(0, "teacher → soft-label cache")
     return SoftLabelCache.build(folder, teacher, splits.train, fingerprint=expected, dtype=config.cache.dtype,
-                                top_k=config.cache.top_k, overwrite=not shared)
+                                top_k=config.cache.top_k, overwrite=not shared,
+                                batch_size=inference_batch_size(teacher))
 
 
 def _single_process(what: str) -> None:
@@ -214,7 +215,7 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
     save_weights(teacher, weights)
     (out / "teacher-last.safetensors").unlink(missing_ok=True)
     shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
-    logits, labels = predict(teacher, build_loader(splits.test, batch_size=1024))
+    logits, labels = predict(teacher, build_loader(splits.test, batch_size=inference_batch_size(teacher)))
     _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
                                              "data": config.data.name, "test": classification_metrics(logits, labels)})
     return key

@@ -18,6 +18,7 @@ from softkd.methods.soft_target import SoftTarget
 from softkd.models.teacher import Teacher
 from softkd.train.checks import check_classes
 from softkd.train.loop import FitResult, fit
+from softkd.train.runtime import inference_batch_size
 
 
 def distill(
@@ -58,7 +59,7 @@ def distill(
         extras = {"soft_targets": torch.as_tensor(soft_targets).float()}
     elif not isinstance(train, torch.utils.data.DataLoader):
         if teacher_logits is None:
-            teacher_logits = teacher.predict_logits(build_loader(train, batch_size=1024))
+            teacher_logits = teacher.predict_logits(build_loader(train, batch_size=inference_batch_size(teacher)))
         extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
     targets = next(iter(extras.values())) if extras else None
     if targets is not None:  # feasibility of the distribution the student will be taught
