@@ -5,6 +5,7 @@
 """
 
 from softkd.cache.fingerprint import differences, fingerprint, ids_sha256
-from softkd.cache.soft_labels import CacheError, SoftLabelCache
+from softkd.cache.format import CacheError
+from softkd.cache.soft_labels import SoftLabelCache
 
 __all__ = ["CacheError", "SoftLabelCache", "differences", "fingerprint", "ids_sha256"]

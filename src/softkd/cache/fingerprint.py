@@ -68,7 +68,7 @@ _MISSING = object()
 
 
 def _as_json_data(value):
-    from softkd.cache.soft_labels import CacheError
+    from softkd.cache.format import CacheError
 
     try:
         return json.loads(json.dumps(value, sort_keys=True))
