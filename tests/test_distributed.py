@@ -68,3 +68,144 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, accumul
     for a, b in zip(logged["one"], logged["two"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+
+
+def _launch(args, *, processes, cwd, wait=True, timeout=600):
+    """``python -m softkd.cli ARGS`` (or a script) on ``processes`` torchrun processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    head = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = head + args
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+RUN_CONFIG = """
+data:    {name: digits, val_fraction: 0.1, labeled_fraction: [1.0, 0.1], seed: 0}
+teacher: {model: mlp-32, epochs: 3, lr: 3.0e-3, batch_size: 64}
+student: {model: mlp-16}
+method:  {name: soft-target, temperature: 4.0, beta: 0.9}
+train:   {epochs: 3, batch_size: 64, lr: 3.0e-3, seeds: [0], threads: 1}
+cache:   {shard_size: 256}
+"""
+
+
+def test_softkd_run_under_torchrun_trains_like_one_process_and_writes_once(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN_CONFIG)
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        proc = _launch(["-m", "softkd.cli", "run", "run.yaml", "--out", out.name], processes=processes, cwd=tmp_path)
+        assert proc.stdout.count("Run directory:") == 1  # one process reports
+        reports[processes] = json.loads((out / "report.json").read_text())
+    one, two = (reports[p]["students"]["mlp-16"]["regimes"] for p in (1, 2))
+    assert one.keys() == two.keys() and len(one) == 2
+    for regime in one:
+        for kind in ("scratch", "distilled"):
+            assert two[regime][kind]["accuracy"]["mean"] == pytest.approx(one[regime][kind]["accuracy"]["mean"],
+                                                                          abs=1.5 / 359)
+    assert reports[2]["teacher"]["accuracy"] == pytest.approx(reports[1]["teacher"]["accuracy"], abs=1.5 / 359)
+    # every record once (the teacher's 3 epochs, 4 students × 3 epochs), from the main process only
+    records = {p: [json.loads(line) for line in (tmp_path / f"p{p}" / "metrics.jsonl").read_text().splitlines()]
+               for p in (1, 2)}
+    assert [r.get("kind", "epoch") for r in records[2]] == [r.get("kind", "epoch") for r in records[1]]
+    assert sum(r.get("kind") != "step" for r in records[2]) == 3 + 4 * 3
+    # the cache was built in 6 shards split across the processes (a teacher trained on 2 processes
+    # differs from 1 process's in the last bits, so bytes are compared in the next test)
+    assert len(list((tmp_path / "p2" / "cache").glob("shard-*.bin"))) == 6
+    assert not list((tmp_path / "p2" / "cache").glob("progress*.json"))
+
+
+def test_cache_build_under_torchrun_is_byte_identical_to_one_process(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN_CONFIG.replace("teacher: {", "teacher: {checkpoint: teacher.safetensors, "))
+    torch.manual_seed(0)
+    from softkd.models import build_model
+    from softkd.models.checkpoint import save_weights
+
+    save_weights(build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10), tmp_path / "teacher.safetensors")
+    manifests = {}
+    for processes in (1, 2):
+        _launch(["-m", "softkd.cli", "cache", "build", "run.yaml", "--out", f"p{processes}"], processes=processes,
+                cwd=tmp_path)
+        manifests[processes] = json.loads((tmp_path / f"p{processes}" / "cache" / "manifest.json").read_text())
+        manifests[processes].pop("created")
+    assert manifests[1] == manifests[2]  # same shards, same sha256s: everything but the creation time
+    for entry in manifests[1]["shards"]:
+        assert (tmp_path / "p1" / "cache" / entry["file"]).read_bytes() == \
+            (tmp_path / "p2" / "cache" / entry["file"]).read_bytes()
+
+
+RESUME_SCRIPT = r"""
+import sys, time, torch, softkd
+from softkd.data.datasets import digits
+from softkd.models import build_model
+from softkd.models.checkpoint import save_weights
+from softkd.train.runtime import Distributed
+torch.set_num_threads(1)
+out, resume, slow = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+splits = digits()
+torch.manual_seed(0)
+model = build_model("hinton-mlp-64", input_shape=(1, 8, 8), num_classes=10)   # dropout: every process's RNG matters
+softkd.fit(model, splits.train, val_data=splits.val, epochs=3, batch_size=96, accumulate=2, lr=3e-3,
+           lr_schedule="cosine", checkpoint_dir=out + "/ckpt", checkpoint_every=4, resume=resume,
+           on_step=lambda step: time.sleep(slow))
+if Distributed().is_main:
+    save_weights(model, out + "/final.safetensors")
+"""
+
+
+def _kill_tree(pid):
+    """SIGKILL ``pid`` and all its descendants, found through /proc, children first."""
+    import signal
+    from pathlib import Path
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, queue = [], [pid]
+    while queue:
+        tree.append(queue.pop())
+        queue += parents.get(tree[-1], [])
+    for member in reversed(tree):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_process_run_killed_and_resumed_gives_the_same_weights_bit_for_bit(tmp_path):
+    import random
+    import time
+
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    for name in ("clean", "killed"):
+        (tmp_path / name).mkdir()
+    _launch([str(script), str(tmp_path / "clean"), "0", "0"], processes=2, cwd=tmp_path)
+    victim = _launch([str(script), str(tmp_path / "killed"), "0", "0.05"], processes=2, cwd=tmp_path, wait=False)
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 120
+    # Past the first epoch (14 steps), where the processes' RNG states have parted: the last
+    # micro-batch groups give them different numbers of samples, so different dropout draws.
+    while not [p for p in ckpt.glob("ckpt-*.pt") if int(p.stem[5:]) > 14] and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))  # then a random step
+    _kill_tree(victim.pid)  # torchrun and both workers (which torchrun starts in sessions of their own)
+    victim.wait()
+    assert not (tmp_path / "killed" / "final.safetensors").exists(), "killed too late: the run had finished"
+    saved = torch.load(sorted(ckpt.glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert len(saved["rng"]) == 2  # one RNG state per process
+    _launch([str(script), str(tmp_path / "killed"), "1", "0"], processes=2, cwd=tmp_path)
+    a, b = (load_file(tmp_path / name / "final.safetensors") for name in ("clean", "killed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,5 +1,6 @@
 """The demo's claim, measured: with 10 % labels the distilled student beats scratch clearly."""
 
+import json
 from importlib import resources
 
 import pytest
@@ -34,3 +35,39 @@ def test_demo_recipe_distillation_beats_scratch_with_few_labels(tmp_path):
 def test_verdict_is_plain_about_the_outcome(scratch, distilled, expected):
     assert verdict(stats(scratch), stats(distilled)).startswith(expected) or expected in verdict(
         stats(scratch), stats(distilled))
+
+
+TINY = {"data": {"name": "digits", "labeled_fraction": 1.0}, "teacher": {"model": "mlp-16", "epochs": 2},
+        "student": {"model": "mlp-8"}, "train": {"epochs": 2, "seeds": [0], "batch_size": 128, "log_every": 5},
+        "output": {"tensorboard": True}}
+
+
+def test_tensorboard_event_files_hold_the_logged_figures(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from softkd.config import RunConfig
+
+    run_experiment(RunConfig.model_validate(TINY), out_dir=tmp_path)
+    jobs = sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+    assert jobs == ["distilled-labeled1-seed0", "scratch-labeled1-seed0", "teacher"]
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "distilled-labeled1-seed0"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"epoch/val_accuracy", "epoch/train_kd", "step/train_loss", "step/lr"} <= set(tags)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in logged if r.get("stage") == "distilled" and r.get("kind") != "step"]
+    board = events.Scalars("epoch/val_accuracy")
+    assert [e.step for e in board] == [r["step"] for r in epochs]
+    assert [e.value for e in board] == pytest.approx([r["val_accuracy"] for r in epochs])
+
+
+def test_tensorboard_without_the_package_is_a_clear_error_before_any_file(tmp_path, monkeypatch):
+    import sys
+
+    from softkd.config import RunConfig
+    from softkd.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"'tensorboard' package is not installed; pip install"):
+        run_experiment(RunConfig.model_validate(TINY), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -108,7 +108,7 @@ def teacher(
 
 def _progress() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=errors, transient=True)
+    return Progress(*columns, console=errors, transient=True, disable=int(os.environ.get("RANK", "0")) > 0)
 
 
 def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> None:
@@ -116,9 +116,12 @@ def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> Non
     a fresh folder beside it (``demo``)."""
     from softkd.pipeline import run_experiment
     from softkd.report.summary import table_rows
+    from softkd.train.runtime import Distributed
     from softkd.utils import fresh_dir
 
-    out = out if reuse else fresh_dir(out)
+    if not reuse:  # every process of a data-parallel run must use the main process's choice
+        dist = Distributed()
+        out = dist.broadcast_object(fresh_dir(out) if dist.is_main else None)
     with _progress() as progress:
         report = run_experiment(config, out_dir=out, progress=progress, resume=resume)
     student = next(iter(report["students"]))
@@ -297,6 +300,8 @@ def _print_cache_info(info: dict) -> None:
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate launch the main process reports
+        console.quiet = True
     app()
 
 

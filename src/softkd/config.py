@@ -150,11 +150,15 @@ class CacheConfig(_Section):
     dtype: Literal["fp16", "fp32"] = "fp16"
     top_k: int | None = Field(None, ge=1)
     """Store only the k largest logits and the tail's mass (large label spaces)."""
+    shard_size: int = Field(16384, ge=1)
+    """Samples per shard file; shards are the unit of resuming and of splitting a build across processes."""
 
 
 class OutputConfig(_Section):
     dir: str | None = None
     """Run directory; default ``runs/<config file name>``."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under ``<run dir>/tensorboard/`` (needs ``tensorboard``)."""
 
 
 class RunConfig(_Section):

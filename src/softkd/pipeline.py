@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ from softkd.models.zoo import count_params
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
-from softkd.train.runtime import inference_batch_size, select_device
+from softkd.train.runtime import Distributed, inference_batch_size, select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:
@@ -44,12 +43,16 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     teacher.json, students/, report.json, report.md), reusing stages already there that match.
     With ``train.checkpoint_every`` each student run saves full state as it goes, and ``resume``
     continues an interrupted one from its last checkpoint. Returns the report. ``progress`` is
-    an optional rich Progress."""
-    _single_process("softkd run")
+    an optional rich Progress.
+
+    Under torchrun / accelerate launch every process runs this with the same arguments: each
+    student trains data-parallel, the soft-label cache is built in shards across processes,
+    and only the main process writes the run directory (the others get the same report)."""
+    dist = Distributed()
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
-        with _Logger(out, progress, total=_count_epochs(config)) as logger:
+        with _Logger(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
             teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
             teacher = Teacher(teacher)
             test_batches = build_loader(splits.test, batch_size=inference_batch_size(teacher))
@@ -61,9 +64,10 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                 for seed in config.train.seeds:
                     for kind in KINDS:
                         name = f"{kind}-labels{fraction:g}-seed{seed}"
+                        distilled = kind == "distilled"
                         key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
-                                    config.method if kind == "distilled" else None,
-                                    config.cache.model_dump(exclude={"dir"}) if kind == "distilled" else None)
+                                    config.method if distilled else None,
+                                    config.cache.model_dump(exclude={"dir", "shard_size"}) if distilled else None)
                         result = _read_stamp(out / "students" / f"{name}.json", key)
                         if result is None:
                             if kind == "distilled" and transfer_logits is None:
@@ -76,43 +80,47 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                             student = _train_student(kind, config, splits, transfer, teacher, transfer_logits,
                                                      seed, log, checkpoint_dir=resume_from, resume=resume,
                                                      run_key=run_key)
-                            logits, _ = predict(student, test_batches)
+                            logits, _ = predict(student, test_batches)  # the same on every process
                             result = {
                                 "kind": kind, "labeled_fraction": fraction, "seed": seed,
                                 "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
                                 **classification_metrics(logits, test_labels),
                                 **teacher_metrics(logits, teacher_test_logits), "params": count_params(student),
                             }
-                            save_weights(student, out / "students" / f"{name}.safetensors")
-                            _write_stamp(out / "students" / f"{name}.json", key, result)
-                            if resume_from is not None:  # finished: its weights and stamp replace them
-                                shutil.rmtree(resume_from, ignore_errors=True)
+                            if dist.is_main:
+                                save_weights(student, out / "students" / f"{name}.safetensors")
+                                _write_stamp(out / "students" / f"{name}.json", key, result)
+                                if resume_from is not None:  # finished: its weights and stamp replace them
+                                    shutil.rmtree(resume_from, ignore_errors=True)
                         else:
                             logger.skip(config.train.epochs, f"{name} (up to date)")
                         runs.append(result)
         teacher_eval = classification_metrics(teacher_test_logits, test_labels)
         report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
-        write_report(report, out)
+        if dist.is_main:
+            write_report(report, out)
+        dist.barrier()  # the run directory is complete before any process returns
         return report
 
 
 def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
     """Only the teacher stage: config.yaml, metrics.jsonl, teacher.safetensors (the best
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
-    with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept."""
-    _single_process("softkd teacher")
+    with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept.
+    Trains data-parallel under torchrun / accelerate launch (see :func:`run_experiment`)."""
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
-        with _Logger(out, progress, total=config.teacher.epochs) as logger:
+        with _Logger(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
             _teacher_stage(config, teacher, splits, out, logger, resume)
+        Distributed().barrier()  # teacher.json is written
         return json.loads((out / "teacher.json").read_text())["result"]
 
 
 def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> SoftLabelCache:
     """Only the cache stage (``softkd cache build``): the teacher (loaded from
-    ``teacher.checkpoint`` or trained into ``out_dir``) runs once over the transfer set."""
-    _single_process("softkd cache build")
+    ``teacher.checkpoint`` or trained into ``out_dir``) runs once over the transfer set, its
+    shards split across processes under torchrun / accelerate launch."""
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)
         out = _open_run_dir(config, out_dir)
@@ -150,18 +158,13 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
                 raise
     logger.skip(0, "teacher → soft-label cache")
     return SoftLabelCache.build(folder, teacher, splits.train, fingerprint=expected, dtype=config.cache.dtype,
-                                top_k=config.cache.top_k, overwrite=not shared,
+                                top_k=config.cache.top_k, shard_size=config.cache.shard_size, overwrite=not shared,
                                 batch_size=inference_batch_size(teacher))
 
 
-def _single_process(what: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{what} does not run under torchrun / accelerate launch yet (its stages would race to "
-                          "write the run directory); use softkd.fit / softkd.distill from Python for data-parallel "
-                          "training.")
-
-
 def _prepare(config: RunConfig, *, load: bool = True):
+    if config.output.tensorboard:
+        _Board.writer()  # missing package: fail before anything is written
     d = config.data
     splits = load_splits(d.name, path=d.path, test_path=d.test_path, unlabeled_path=d.unlabeled_path,
                          label_column=d.label_column, data_dir=d.dir, val_fraction=d.val_fraction,
@@ -179,8 +182,11 @@ def _prepare(config: RunConfig, *, load: bool = True):
 
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    (out / "students").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
+    dist = Distributed()
+    if dist.is_main:
+        (out / "students").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+    dist.barrier()  # every process reads the folder as the main process left it
     return out
 
 
@@ -199,8 +205,9 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         return key
 
     log = logger.bind(stage="teacher")
+    dist = Distributed()
 
-    def log_and_keep(record: dict) -> None:
+    def log_and_keep(record: dict) -> None:  # fit() logs on the main process only
         if record.get("kind") != "step":
             save_weights(teacher, out / "teacher-last.safetensors")  # a long run killed midway keeps its epochs
         log(record)
@@ -212,12 +219,14 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
                  "teacher": t.model_dump(mode="json", exclude={"checkpoint"})})
-    save_weights(teacher, weights)
-    (out / "teacher-last.safetensors").unlink(missing_ok=True)
-    shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
-    logits, labels = predict(teacher, build_loader(splits.test, batch_size=inference_batch_size(teacher)))
-    _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
-                                             "data": config.data.name, "test": classification_metrics(logits, labels)})
+    if dist.is_main:
+        save_weights(teacher, weights)
+        (out / "teacher-last.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
+        logits, labels = predict(teacher, build_loader(splits.test, batch_size=inference_batch_size(teacher)))
+        _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
+                                                 "data": config.data.name,
+                                                 "test": classification_metrics(logits, labels)})
     return key
 
 
@@ -225,7 +234,7 @@ def _checkpoints(config: RunConfig, folder: Path, resume: bool) -> Path | None:
     """The student run's checkpoint folder when checkpoints are on; a fresh start clears it."""
     if config.train.checkpoint_every is None:
         return None
-    if not resume:
+    if not resume and Distributed().is_main:
         shutil.rmtree(folder, ignore_errors=True)
     return folder
 
@@ -283,23 +292,36 @@ def _count_epochs(config: RunConfig) -> int:
 
 
 class _Logger:
-    """Appends tagged records to metrics.jsonl and moves the progress bar."""
+    """Appends tagged records to metrics.jsonl, moves the progress bar and, with ``tensorboard``,
+    writes the same figures as TensorBoard events (one event folder per job under
+    ``tensorboard/``). Only the main process of a data-parallel run writes or draws anything."""
 
-    def __init__(self, out: Path, progress, *, total: int):
-        self.file = (out / "metrics.jsonl").open("a")
-        self.progress = progress
-        self.task = progress.add_task("softkd", total=total) if progress is not None else None
+    def __init__(self, out: Path, progress, *, total: int, tensorboard: bool = False):
+        main = Distributed().is_main
+        self.file = (out / "metrics.jsonl").open("a") if main else None
+        self.progress = progress if main else None
+        self.task = self.progress.add_task("softkd", total=total) if self.progress is not None else None
+        self.board = _Board(out / "tensorboard") if tensorboard and main else None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
 
     def bind(self, **tags):
+        job = "-".join([tags["stage"]] + [f"{k.split('_')[0]}{v:g}" for k, v in tags.items() if k != "stage"])
+
         def log(record: dict) -> None:
+            if self.file is None:
+                return
             self.file.write(json.dumps({**tags, **record}) + "\n")
             self.file.flush()
+            if self.board is not None:
+                self.board.add(job, record)
             if self.progress is not None:  # the bar counts epochs; step records refresh the figures
                 advance = 0 if record.get("kind") == "step" else 1
                 self.progress.update(self.task, advance=advance, description=_describe_job(tags, record))
@@ -308,6 +330,36 @@ class _Logger:
     def skip(self, epochs: int, description: str) -> None:
         if self.progress is not None:
             self.progress.update(self.task, advance=epochs, description=description)
+
+
+class _Board:
+    """TensorBoard event files: one SummaryWriter per job (teacher, scratch-labels0.1-seed0, ...);
+    step records go under ``step/``, epoch records under ``epoch/``, both against the optimizer step."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.writer_class, self.writers = folder, self.writer(), {}
+
+    @staticmethod
+    def writer():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            raise ConfigError("output.tensorboard is true but the 'tensorboard' package is not installed; "
+                              "pip install 'softkd[tensorboard]' or set output.tensorboard: false.") from None
+        return SummaryWriter
+
+    def add(self, job: str, record: dict) -> None:
+        if job not in self.writers:
+            self.writers[job] = self.writer_class(log_dir=str(self.folder / job))
+        writer, group = self.writers[job], "step" if record.get("kind") == "step" else "epoch"
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                writer.add_scalar(f"{group}/{key}", value, global_step=record["step"])
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
 
 
 def _describe_job(tags: dict, record: dict) -> str:

@@ -70,14 +70,20 @@ class TeacherRun:
         return records.tobytes()
 
 
-def write_shards(work: Path, run: TeacherRun, plan: dict, *, batch_size: int, progress) -> list[dict]:
-    """Every shard of ``plan`` in ``work``, keeping those an interrupted build of the same plan finished."""
+def write_shards(work: Path, run: TeacherRun, plan: dict, *, batch_size: int, progress, rank: int = 0,
+                 world: int = 1) -> list[dict]:
+    """The shards of ``plan`` that are this process's (every ``world``-th from ``rank``) in ``work``,
+    keeping those an interrupted build of the same plan finished. A shard's bytes do not depend
+    on which process wrote it: its batches always start at the shard's first sample."""
     work.mkdir(parents=True, exist_ok=True)
     n, size = plan["num_samples"], plan["shard_size"]
     sample_bytes = sample_dtype(plan["dtype"], plan["views"], plan["num_classes"], plan["top_k"]).itemsize
     finished = finished_shards(work, plan)
     shards = []
+    record = PROGRESS if world == 1 else f"progress-{rank}.json"  # one writer per file
     for index, start in enumerate(range(0, n, size)):
+        if index % world != rank:
+            continue
         stop, name = min(start + size, n), f"shard-{index:05d}.bin"
         entry = finished.get(name)
         if entry is None or entry["bytes"] != (stop - start) * sample_bytes or not intact(work / name, entry):
@@ -98,7 +104,8 @@ def write_shards(work: Path, run: TeacherRun, plan: dict, *, batch_size: int, pr
             entry = {"file": name, "samples": stop - start, "bytes": (stop - start) * sample_bytes,
                      "sha256": sha256_file(work / name)}
             finished[name] = entry
-            atomic_write_text(work / PROGRESS, json.dumps({"plan": plan, "shards": list(finished.values())}))
+            mine = [e for e in finished.values() if int(e["file"][6:11]) % world == rank]
+            atomic_write_text(work / record, json.dumps({"plan": plan, "shards": mine}))
         shards.append(entry)
         if progress is not None:
             progress(stop, n)
@@ -106,12 +113,22 @@ def write_shards(work: Path, run: TeacherRun, plan: dict, *, batch_size: int, pr
 
 
 def finished_shards(work: Path, plan: dict) -> dict[str, dict]:
-    """Shards an interrupted build of this same plan recorded (checked again before being kept)."""
-    try:
-        record = json.loads((work / PROGRESS).read_text())
-        return {entry["file"]: entry for entry in record["shards"]} if record["plan"] == plan else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    """Shards an interrupted build of this same plan recorded, with any number of processes
+    (checked again before being kept)."""
+    found = {}
+    for path in progress_records(work):
+        try:
+            record = json.loads(path.read_text())
+            if record["plan"] == plan:
+                found.update({entry["file"]: entry for entry in record["shards"]})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def progress_records(folder: Path) -> list[Path]:
+    """``progress.json`` of a one-process build, ``progress-<rank>.json`` of a multi-process one."""
+    return sorted(folder.glob("progress*.json"))
 
 
 def intact(path: Path, entry: dict) -> bool:
@@ -123,7 +140,8 @@ def remove_leftovers(folder: Path, *, keep: set[str]) -> None:
     for path in folder.iterdir():
         if SHARD_NAME.fullmatch(path.name) and path.name not in keep:
             path.unlink()
-    (folder / PROGRESS).unlink(missing_ok=True)
+    for path in progress_records(folder):
+        path.unlink()
     shutil.rmtree(folder / STAGING, ignore_errors=True)
 
 

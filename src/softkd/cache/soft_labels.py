@@ -31,6 +31,7 @@ from torch import nn
 
 from softkd.cache.build import (
     TeacherRun,
+    progress_records,
     remove_leftovers,
     teacher_inference,
     write_shards,
@@ -45,7 +46,6 @@ from softkd.cache.format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    PROGRESS,
     STAGING,
     CacheError,
     check_fingerprint,
@@ -56,6 +56,7 @@ from softkd.cache.format import (
     sample_dtype,
 )
 from softkd.data.datasets import ArrayDataset
+from softkd.train.runtime import Distributed
 from softkd.utils import atomic_write_text, sha256_file
 
 
@@ -100,6 +101,7 @@ class SoftLabelCache:
         if not isinstance(dataset, ArrayDataset):
             raise CacheError(f"SoftLabelCache.build needs an ArrayDataset; got {type(dataset).__name__}.")
         check_fingerprint(fingerprint, teacher=teacher, dataset=dataset, dtype=dtype, top_k=top_k, views=views)
+        dist = Distributed()
         replacing = (folder / MANIFEST).exists()
         if replacing and not overwrite:
             raise CacheError(f"'{folder}' already holds a complete soft-label cache; open it with "
@@ -116,19 +118,14 @@ class SoftLabelCache:
             }
             # A complete cache stays valid (and in use) until the new one is fully written.
             work = folder / STAGING if replacing else folder
-            shards = write_shards(work, run, plan, batch_size=batch_size, progress=progress)
-        import softkd
-
-        manifest = {"format": FORMAT, **plan, "layout": describe_layout(plan), "shards": shards,
-                    "softkd_version": softkd.__version__,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if replacing:
-            (folder / MANIFEST).unlink()  # from here until the new manifest, nothing opens as complete
-            os.replace(work / PROGRESS, folder / PROGRESS)  # first, so a crash mid-move still resumes
-            for entry in shards:
-                os.replace(work / entry["file"], folder / entry["file"])
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        remove_leftovers(folder, keep={entry["file"] for entry in shards})
+            shards = write_shards(work, run, plan, batch_size=batch_size, progress=progress, rank=dist.rank,
+                                  world=dist.world)
+        # Under torchrun / accelerate launch each process wrote every world-th shard; the main
+        # process writes the manifest once all are done.
+        shards = sorted((e for mine in dist.gather_object(shards) for e in mine), key=lambda e: e["file"])
+        if dist.is_main:
+            _publish(folder, work, plan, shards, replacing=replacing)
+        dist.barrier()
         return cls.open(folder)
 
     # ------------------------------------------------------------------------------------------
@@ -230,3 +227,18 @@ class SoftLabelCache:
         return self._maps[index]
 
 
+def _publish(folder: Path, work: Path, plan: dict, shards: list[dict], *, replacing: bool) -> None:
+    """Make the shards in ``work`` the complete cache in ``folder``: the manifest goes last."""
+    import softkd
+
+    manifest = {"format": FORMAT, **plan, "layout": describe_layout(plan), "shards": shards,
+                "softkd_version": softkd.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if replacing:
+        (folder / MANIFEST).unlink()  # from here until the new manifest, nothing opens as complete
+        for record in progress_records(work):  # first, so a crash mid-move still resumes
+            os.replace(record, folder / record.name)
+        for entry in shards:
+            os.replace(work / entry["file"], folder / entry["file"])
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    remove_leftovers(folder, keep={entry["file"] for entry in shards})

@@ -129,17 +129,20 @@ def fit(
     result = FitResult(model=model)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
-                   precision=precision)
+                   precision=precision, processes=dist.world)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None:
         saved = load_latest(folder, run_key=run_key)
         if saved is not None:
-            run = _restore(saved, model, objective, opt, scheduler, scaler, result)
+            run = _restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
-        if folder is not None and dist.is_main:
+        if folder is None:
+            return
+        rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
+        if dist.is_main:
             save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
-                                              epoch_start, run_key), keep_last=keep_last)
+                                              epoch_start, run_key, rngs), keep_last=keep_last)
 
     def step(group: list[dict]) -> dict[str, float]:
         """One optimizer step on a global batch: this process trains on its share of the
@@ -256,23 +259,23 @@ class _RunState:
     best_state: dict | None = None
 
 
-def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key) -> dict:
+def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key, rngs) -> dict:
     return {
         "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
         "epoch_start": epoch_start, "totals": dict(run.totals), "seen": run.seen, "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
-        "history": result.history, "stopped_by": result.stopped_by, "rng": rng_states(), "run_key": run_key,
+        "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
     }
 
 
-def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitResult) -> _RunState:
+def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitResult, *, rank: int) -> _RunState:
     model.load_state_dict(saved["model"])
     scaler.load_state_dict(saved["scaler"])
     objective.load_state_dict(saved["objective"])
     opt.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_states(saved["rng"])
+    set_rng_states(saved["rng"][rank])  # one per process, in rank order
     result.steps, result.history = saved["step"], list(saved["history"])
     result.best_score, result.best_epoch, result.stopped_by = saved["best_score"], saved["best_epoch"], saved["stopped_by"]
     result.epochs = saved["epoch"] - 1

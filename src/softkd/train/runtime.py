@@ -90,6 +90,27 @@ class Distributed:
             p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (e.g. until the main process has written a file)."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather_object(self, obj) -> list:
+        """Every process's ``obj``, in rank order (on every process)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """The main process's ``obj``, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sync_module_(self, module: torch.nn.Module) -> None:
         """Give every process rank 0's parameters and buffers (batch-norm statistics)."""
         if self.world > 1:
