@@ -35,6 +35,11 @@ class DataConfig(_Section):
     labeled_fraction: float | list[float] = 1.0
     """One fraction, or several: each is a regime run and reported side by side."""
     seed: int = 0
+    augment: Literal["shift", "shift-flip"] | None = None
+    """Seeded augmentation of the training images (each view fixed by seed, sample id and view
+    index); with the soft-label cache on, needs ``cache.views`` >= 2."""
+    shift: int = Field(2, ge=0)
+    """Largest translation of ``augment``, in pixels."""
 
     @model_validator(mode="after")
     def _known_dataset(self):
@@ -150,6 +155,8 @@ class CacheConfig(_Section):
     dtype: Literal["fp16", "fp32"] = "fp16"
     top_k: int | None = Field(None, ge=1)
     """Store only the k largest logits and the tail's mass (large label spaces)."""
+    views: int = Field(1, ge=1)
+    """Augmented views cached per sample (with ``data.augment``); each epoch trains on one of them."""
     shard_size: int = Field(16384, ge=1)
     """Samples per shard file; shards are the unit of resuming and of splitting a build across processes."""
 
@@ -169,6 +176,18 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _views_match_augmentation(self):
+        augment, cache = self.data.augment, self.cache
+        if augment is not None and cache.enabled and cache.views == 1:
+            raise ValueError(f"data.augment '{augment}' with a static soft-label cache (cache.views: 1) would teach "
+                             "each augmented view with the un-augmented image's logits; set cache.views to K >= 2 "
+                             "(K cached views per sample) or cache.enabled: false (the teacher runs on every batch)")
+        if augment is None and cache.views > 1:
+            raise ValueError(f"cache.views: {cache.views} needs data.augment (shift or shift-flip) to make the views; "
+                             "set data.augment or cache.views: 1")
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -226,6 +245,8 @@ def _describe(error: dict, where: str) -> str:
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     got_text = "" if isinstance(got, dict) or error["type"].startswith("unknown") else f"; got {got!r}"
+    if not loc:  # a check across sections: the message names its keys
+        return f"In {where}: {message}."
     if "Unknown " in message:  # registry errors already name the value and the fix
         return f"{dotted} in {where}: {message}"
     return f"The '{dotted}' in {where} is invalid: {message}{got_text}."

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from softkd.config import RunConfig, dump_config
+from softkd.data.augment import build_augment
 from softkd.data.datasets import Splits, keep_labels, load_splits
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
@@ -67,7 +68,8 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                         distilled = kind == "distilled"
                         key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
                                     config.method if distilled else None,
-                                    config.cache.model_dump(exclude={"dir", "shard_size"}) if distilled else None)
+                                    config.cache.model_dump(exclude={"dir", "shard_size"}) if distilled else None,
+                                    *_augment_key(config))
                         result = _read_stamp(out / "students" / f"{name}.json", key)
                         if result is None:
                             if kind == "distilled" and transfer_logits is None:
@@ -130,20 +132,29 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> Sof
 
 
 def _transfer_logits(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> torch.Tensor:
-    """The teacher's raw logits on the transfer set, in its order: from the soft-label cache, or
-    computed here when the cache is off."""
+    """The teacher's raw logits on the transfer set, in its order: from the soft-label cache
+    ((N, K, C) for K augmented views), or computed here when the cache is off; None when the
+    teacher must run on every augmented batch."""
     if not config.cache.enabled:
+        if config.data.augment is not None:
+            return None
         return teacher.predict_logits(build_loader(splits.train, batch_size=inference_batch_size(teacher)))
     cache = _open_or_build_cache(config, teacher, splits, out, logger)
-    return cache.logits(torch.arange(len(splits.train)))
+    positions = torch.arange(len(splits.train))
+    if cache.views == 1:
+        return cache.logits(positions)
+    return torch.stack([cache.logits(positions, view=v) for v in range(cache.views)], 1)  # (N, K, C)
 
 
 def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> SoftLabelCache:
     from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
 
     d = config.data
+    augment = _augment(config)
     expected = fingerprint(
-        teacher=teacher, dtype=config.cache.dtype, top_k=config.cache.top_k,
+        teacher=teacher, dtype=config.cache.dtype, top_k=config.cache.top_k, views=config.cache.views,
+        augment_seed=augment.seed if augment is not None else None,
+        preprocessing={"augment": augment.describe()} if augment is not None else None,
         data={"name": d.name, "path": d.path, "unlabeled_path": d.unlabeled_path, "split": "train",
               "val_fraction": d.val_fraction, "seed": d.seed, "n": len(splits.train),
               "ids_sha256": ids_sha256(splits.train.ids)},
@@ -158,7 +169,9 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
                 raise
     logger.skip(0, "teacher → soft-label cache")
     return SoftLabelCache.build(folder, teacher, splits.train, fingerprint=expected, dtype=config.cache.dtype,
-                                top_k=config.cache.top_k, shard_size=config.cache.shard_size, overwrite=not shared,
+                                top_k=config.cache.top_k, views=config.cache.views,
+                                view_fn=augment if config.cache.views > 1 else None,
+                                shard_size=config.cache.shard_size, overwrite=not shared,
                                 batch_size=inference_batch_size(teacher))
 
 
@@ -170,6 +183,9 @@ def _prepare(config: RunConfig, *, load: bool = True):
                          label_column=d.label_column, data_dir=d.dir, val_fraction=d.val_fraction,
                          test_fraction=d.test_fraction, seed=d.seed)
     shape, classes = splits.train.input_shape, splits.train.num_classes
+    if config.cache.top_k is not None and config.cache.top_k > classes:
+        raise ConfigError(f"The 'cache.top_k' must be <= the data's {classes} classes; got {config.cache.top_k} "
+                          "(use top_k: null to store all logits).")
     torch.manual_seed(config.data.seed)
     teacher = resolve_model(config.teacher.model, input_shape=shape, num_classes=classes, kwargs=config.teacher.kwargs)
     check_num_classes(teacher, input_shape=shape, num_classes=classes, role="teacher")
@@ -254,10 +270,25 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
                   clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
                   log_every=train.log_every, **checkpointing)
-    if kind == "scratch":
-        return fit(student, transfer, **budget).model
+    augment = _augment(config)
+    if kind == "scratch":  # the same views as the distilled student
+        views = config.cache.views if augment is not None and config.cache.enabled else None
+        return fit(student, transfer, augment=augment, views=views, **budget).model
     return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
-                   teacher_logits=transfer_logits, **budget).model
+                   teacher_logits=transfer_logits, augment=augment, **budget).model
+
+
+def _augment(config: RunConfig):
+    return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
+
+
+def _augment_key(config: RunConfig) -> list:
+    """Augmentation settings for a student's stamp (nothing without augmentation, so runs
+    stamped before augmentation existed stay valid)."""
+    if config.data.augment is None:
+        return []
+    views = config.cache.views if config.cache.enabled else None
+    return [{"augment": config.data.augment, "shift": config.data.shift, "views": views}]
 
 
 def _train_key(config: RunConfig) -> dict:

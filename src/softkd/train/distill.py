@@ -31,6 +31,7 @@ def distill(
     beta: float = 0.9,
     soft_targets: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    augment=None,
     **fit_kwargs,
 ) -> FitResult:
     """Distill ``teacher`` into ``student`` on the transfer set ``train_data``.
@@ -42,6 +43,12 @@ def distill(
     spare that pass (e.g. across seeds); ``soft_targets`` (N, C) probabilities at temperature T may
     replace the teacher. Both are validated. Other keyword arguments go to :func:`softkd.fit` (epochs, max_steps, patience, lr,
     weight_decay = λ, ...). Returns a :class:`FitResult` whose ``model`` is the trained student.
+
+    With ``augment`` (:class:`softkd.data.augment.ShiftFlip`) the student trains on seeded views
+    and is taught on exactly those views: either ``teacher_logits`` of shape (N, K, C) hold the
+    teacher's logits for K views per sample (a soft-label cache built with the same augment), or
+    the teacher runs on every augmented batch. Static targets of shape (N, C) with augmentation
+    are refused: they would teach each view with another view's answer.
     """
     check_temperature(temperature)
     check_beta(beta)
@@ -54,10 +61,11 @@ def distill(
     precomputed = soft_targets is not None or teacher_logits is not None
     if precomputed and isinstance(train, torch.utils.data.DataLoader):
         raise DataError("Precomputed 'soft_targets' or 'teacher_logits' need a Dataset in a fixed order, not a DataLoader.")
+    views = _check_views(augment, soft_targets, teacher_logits)
     extras = None
     if soft_targets is not None:
         extras = {"soft_targets": torch.as_tensor(soft_targets).float()}
-    elif not isinstance(train, torch.utils.data.DataLoader):
+    elif not isinstance(train, torch.utils.data.DataLoader) and not (augment is not None and teacher_logits is None):
         if teacher_logits is None:
             teacher_logits = teacher.predict_logits(build_loader(train, batch_size=inference_batch_size(teacher)))
         extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
@@ -67,4 +75,19 @@ def distill(
                               num_samples=len(train))
     check_classes(student, teacher, train, soft_targets=targets)
     objective = SoftTarget(teacher=teacher, temperature=temperature, beta=beta)
-    return fit(student, train, objective=objective, val_data=val_data, extras=extras, **fit_kwargs)
+    return fit(student, train, objective=objective, val_data=val_data, extras=extras, augment=augment, views=views,
+               **fit_kwargs)
+
+
+def _check_views(augment, soft_targets, teacher_logits) -> int | None:
+    """The number of cached views (None: the teacher runs on every batch, or no augmentation)."""
+    if augment is None:
+        if teacher_logits is not None and torch.as_tensor(teacher_logits).ndim == 3:
+            raise ConfigError(f"teacher_logits of shape {tuple(teacher_logits.shape)} hold one row per view; "
+                              "pass the augment they were computed with (augment=...).")
+        return None
+    if soft_targets is not None or (teacher_logits is not None and torch.as_tensor(teacher_logits).ndim != 3):
+        raise ConfigError("Random augmentation with static soft labels (one row per sample) would teach each view "
+                          "with another view's answer; cache K views per sample (cache.views >= 2, "
+                          "teacher_logits of shape (N, K, C)) or let the teacher run on every batch.")
+    return None if teacher_logits is None else int(teacher_logits.shape[1])

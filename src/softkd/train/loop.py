@@ -62,6 +62,8 @@ def fit(
     patience: int | None = None,
     seed: int = 0,
     extras: dict[str, torch.Tensor] | None = None,
+    augment: Callable | None = None,
+    views: int | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     keep_last: int = 2,
@@ -78,6 +80,11 @@ def fit(
     weights are restored. The score is validation accuracy, or minus the objective's loss when
     the validation set has no labels. ``extras`` are per-sample tensors added to each batch
     (e.g. precomputed ``teacher_logits``).
+
+    ``augment`` (e.g. :class:`softkd.data.augment.ShiftFlip`) replaces each training batch's
+    inputs by one seeded view per sample: with ``views`` = K, view ``augment.pick(id, epoch, K)``
+    of the K a soft-label cache holds, and ``teacher_logits`` extras of shape (N, K, C) give that
+    view's logits; without ``views``, a fresh view every epoch.
 
     ``batch_size`` is the batch of one optimizer step; ``accumulate`` splits it into that many
     micro-batches whose losses are normalised by the whole batch's labeled and total sample
@@ -129,7 +136,8 @@ def fit(
     result = FitResult(model=model)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
-                   precision=precision, processes=dist.world)
+                   precision=precision, processes=dist.world, views=views,
+                   augment=augment.describe() if hasattr(augment, "describe") else repr(augment))
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None:
         saved = load_latest(folder, run_key=run_key)
@@ -144,7 +152,7 @@ def fit(
             save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
                                               epoch_start, run_key, rngs), keep_last=keep_last)
 
-    def step(group: list[dict]) -> dict[str, float]:
+    def step(group: list[dict], epoch: int) -> dict[str, float]:
         """One optimizer step on a global batch: this process trains on its share of the
         micro-batches, each normalised by the whole batch's counts, and gradients are summed."""
         opt.zero_grad(set_to_none=True)
@@ -155,6 +163,8 @@ def fit(
         summed: dict[str, float] = {}
         for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if augment is not None:
+                batch = _augmented(batch, augment, epoch, views)
             with autocast(precision, device):
                 terms = objective(model, batch, **counts)
             if not torch.isfinite(terms["loss"]):
@@ -193,7 +203,7 @@ def fit(
             if len(group) < group_size and position < len(micro_batches):
                 continue
             n = sum(b["x"].shape[0] for b in group)
-            terms = step(group)
+            terms = step(group, epoch)
             for key, value in terms.items():
                 run.totals[key] = run.totals.get(key, 0.0) + value * n
             run.seen += n
@@ -244,6 +254,16 @@ def fit(
         model.load_state_dict(run.best_state)
     model.eval()
     return result
+
+
+def _augmented(batch: dict, augment, epoch: int, views: int | None) -> dict:
+    """The batch with each sample's view of this epoch, and that view's cached teacher logits."""
+    view = augment.pick(batch["id"], epoch, views)
+    batch = dict(batch, x=augment(batch["x"], batch["id"], view))
+    if batch.get("teacher_logits") is not None and batch["teacher_logits"].ndim == 3:  # (B, K, C) -> (B, C)
+        view = view.to(batch["teacher_logits"].device)
+        batch["teacher_logits"] = batch["teacher_logits"][torch.arange(len(view), device=view.device), view]
+    return batch
 
 
 @dataclass

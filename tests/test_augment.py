@@ -1,0 +1,200 @@
+"""Seeded augmentation and augmentation-aware caching: every view is fixed by (seed, sample id,
+view), the cache holds the teacher's logits for exactly those views, and the student trains on
+the view whose logits it is taught with."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softkd
+from softkd.cache import SoftLabelCache, fingerprint, ids_sha256
+from softkd.data.augment import ShiftFlip, build_augment
+from softkd.data.datasets import ArrayDataset
+from softkd.errors import ConfigError, DataError
+from softkd.methods import SoftTarget
+from softkd.models import build_model
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    x = torch.rand(300, 1, 8, 8)
+    return ArrayDataset(x, torch.randint(0, 10, (300,)), ids=torch.arange(1000, 1300))
+
+
+def test_a_view_depends_only_on_seed_id_and_view(images):
+    aug = ShiftFlip(shift=2, seed=3)
+    x, ids = images.x[:64], images.ids[:64]
+    order = torch.randperm(64)
+    assert torch.equal(aug(x, ids, 1)[order], aug(x[order], ids[order], 1))  # batch composition and order
+    assert torch.equal(aug(x[:10], ids[:10], 1), aug(x, ids, 1)[:10])
+    per_sample = torch.arange(64) % 3
+    assert torch.equal(aug(x, ids, per_sample)[5], aug(x[5:6], ids[5:6], int(per_sample[5]))[0])
+    assert not torch.equal(aug(x, ids, 0), aug(x, ids, 1))
+    assert not torch.equal(ShiftFlip(shift=2, seed=4)(x, ids, 1), aug(x, ids, 1))
+
+
+def _matches(view, image, shift):
+    """Every (dy, dx, flipped) for which ``view`` is ``image`` shifted (and flipped) within ``shift``."""
+    padded = F.pad(image, (shift,) * 4)
+    size = image.shape[-1]
+    crops = {(dy, dx): padded[:, dy:dy + size, dx:dx + size] for dy in range(2 * shift + 1)
+             for dx in range(2 * shift + 1)}
+    return [(dy, dx, f) for (dy, dx), crop in crops.items() for f in (False, True)
+            if torch.equal(view, crop.flip(-1) if f else crop)]
+
+
+def test_views_are_shifted_and_flipped_copies_within_the_shift(images):
+    x, ids = images.x, images.ids
+    out = ShiftFlip(shift=2, seed=0)(x, ids, 0)
+    found = [_matches(out[i], x[i], 2) for i in range(len(x))]
+    assert all(found), "a view is not a shifted (flipped) copy of its image"
+    assert 100 < sum(f[0][2] for f in found) < 200  # flipped about half the time
+    assert len({f[0][:2] for f in found}) == 25  # every offset in [-2, 2]² occurs
+    unflipped = ShiftFlip(shift=2, flip=False, seed=0)(x, ids, 0)
+    assert all(any(not f for *_, f in _matches(unflipped[i], x[i], 2)) for i in range(len(x)))
+    assert torch.equal(ShiftFlip(shift=0, flip=False)(x, ids, 5), x)
+
+
+def test_each_epoch_picks_one_of_k_views_deterministically():
+    aug, ids = ShiftFlip(seed=0), torch.arange(4000)
+    picks = aug.pick(ids, 1, 4)
+    assert torch.equal(picks, aug.pick(ids, 1, 4)) and picks.min() == 0 and picks.max() == 3
+    assert torch.bincount(picks, minlength=4).min() > 900  # about uniform
+    assert (aug.pick(ids, 2, 4) != picks).float().mean() > 0.6  # another epoch, other views
+    assert torch.equal(aug.pick(ids, 7, None), torch.full((4000,), 7))  # no cache: a fresh view per epoch
+
+
+def test_augmentation_needs_images_and_a_known_name():
+    with pytest.raises(DataError, match=r"needs image batches \(B, C, H, W\); got shape \(4, 64\)"):
+        ShiftFlip()(torch.zeros(4, 64), torch.arange(4), 0)
+    with pytest.raises(ConfigError, match="Unknown augmentation 'rotate'"):
+        build_augment("rotate")
+    assert build_augment(None) is None
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return build_model("tinycnn-4", input_shape=(1, 8, 8), num_classes=10).eval()
+
+
+def _cache(folder, teacher, data, aug, views):
+    stated = fingerprint(teacher=teacher, data={"n": len(data), "ids_sha256": ids_sha256(data.ids)}, views=views,
+                         augment_seed=aug.seed, preprocessing={"augment": aug.describe()}, dtype="fp32")
+    return SoftLabelCache.build(folder, teacher, data, fingerprint=stated, dtype="fp32", views=views, view_fn=aug,
+                                shard_size=128, batch_size=64)
+
+
+def test_the_cache_holds_the_teacher_on_replayed_views(tmp_path, images):
+    teacher, aug = _teacher(), ShiftFlip(shift=2, seed=5)
+    cache = _cache(tmp_path, teacher, images, aug, views=3)
+    positions = torch.tensor([0, 7, 127, 128, 299])
+    with torch.no_grad():
+        for view in range(3):
+            replayed = teacher(aug(images.x[positions], images.ids[positions], view))
+            torch.testing.assert_close(cache.logits(positions, view=view), replayed, rtol=1e-5, atol=1e-5)
+
+
+class _Spy(SoftTarget):
+    """Records what each training batch fed the student and its teacher logits."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def forward(self, model, batch, **counts):
+        self.seen.append((batch["x"].clone(), batch["teacher_logits"].clone(), batch["id"].clone()))
+        return super().forward(model, batch, **counts)
+
+
+def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_path, images, monkeypatch):
+    teacher, aug = _teacher(), ShiftFlip(shift=2, seed=5)
+    cache = _cache(tmp_path, teacher, images, aug, views=4)
+    logits = torch.stack([cache.logits(torch.arange(len(images)), view=v) for v in range(4)], 1)  # (N, K, C)
+    spy = {}
+    monkeypatch.setattr("softkd.train.distill.SoftTarget", lambda **kw: spy.setdefault("objective", _Spy(**kw)))
+    student = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    softkd.distill(student, teacher, images, teacher_logits=logits, augment=aug, epochs=3, batch_size=64)
+    seen = spy["objective"].seen
+    assert len(seen) == 3 * 5
+    views_used = set()
+    with torch.no_grad():
+        for x, taught, ids in seen:
+            torch.testing.assert_close(taught, teacher(x), rtol=1e-5, atol=1e-5)  # consistent teaching
+            assert not torch.equal(x, images.x[ids - 1000])  # augmented, not the raw images
+        for epoch in range(3):
+            views_used |= set(aug.pick(images.ids, epoch + 1, 4).tolist())
+    assert views_used == {0, 1, 2, 3}
+
+
+def test_static_soft_labels_with_augmentation_are_refused(images):
+    teacher, student = _teacher(), build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    static = torch.zeros(len(images), 10)
+    with pytest.raises(ConfigError, match="Random augmentation with static soft labels"):
+        softkd.distill(student, teacher, images, teacher_logits=static, augment=ShiftFlip(), epochs=1)
+    with pytest.raises(ConfigError, match=r"hold one row per view; pass the augment"):
+        softkd.distill(student, teacher, images, teacher_logits=torch.zeros(len(images), 3, 10), epochs=1)
+
+
+def test_online_teacher_runs_on_every_augmented_batch(images):
+    teacher = _teacher()
+    calls = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    student = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    softkd.distill(student, teacher, images, augment=ShiftFlip(seed=1), epochs=2, batch_size=100)
+    assert sum(calls) >= 2 * len(images)  # the teacher saw every augmented sample of both epochs
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.augment=shift"], r"static soft-label cache \(cache.views: 1\)"),
+    (["cache.views=3"], r"cache.views: 3 needs data.augment"),
+    (["cache.views=0", "data.augment=shift"], r"'cache.views' in .* is invalid: Input should be greater than or equal to 1"),
+    (["data.augment=rotate"], r"'data.augment' in .* is invalid: Input should be 'shift' or 'shift-flip'"),
+])
+def test_bad_view_settings_exit_2_with_one_line(tmp_path, sets, message):
+    import re
+
+    (tmp_path / "run.yaml").write_text("data: {name: digits}\n")
+    args = [sys.executable, "-m", "softkd.cli", "run", "--out", str(tmp_path / "run"), str(tmp_path / "run.yaml")]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_caches_k_views_and_a_changed_augmentation_rebuilds_them(tmp_path):
+    from softkd.config import config_from_dict
+    from softkd.pipeline import run_experiment
+
+    raw = {"data": {"name": "digits", "augment": "shift-flip", "shift": 1},
+           "teacher": {"model": "tinycnn-4", "epochs": 1}, "student": {"model": "mlp-8"},
+           "train": {"epochs": 1, "seeds": [0], "batch_size": 128}, "cache": {"views": 2, "dtype": "fp32"}}
+    report = run_experiment(config_from_dict(raw), out_dir=tmp_path)
+    (regime,) = report["students"]["mlp-8"]["regimes"].values()
+    assert {"scratch", "distilled"} <= set(regime)
+    cache = SoftLabelCache.open(tmp_path / "cache")
+    assert cache.views == 2
+    assert cache.fingerprint["preprocessing"] == {"augment": {"name": "shift-flip", "shift": 1, "seed": 0}}
+    raw["data"]["shift"] = 2
+    run_experiment(config_from_dict(raw), out_dir=tmp_path)
+    assert SoftLabelCache.open(tmp_path / "cache").fingerprint["preprocessing"]["augment"]["shift"] == 2
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("cache.top_k=11", r"'cache.top_k' must be <= the data's 10 classes; got 11"),
+    ("cache.views=0", r"'cache.views' in .* is invalid"),
+])
+def test_cache_build_refuses_bad_sizes_before_writing(tmp_path, setting, message):
+    import re
+
+    (tmp_path / "run.yaml").write_text("data: {name: digits}\nteacher: {model: mlp-8, epochs: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "softkd.cli", "cache", "build", str(tmp_path / "run.yaml"),
+                           "--out", str(tmp_path / "run"), "--set", setting], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()
