@@ -10,9 +10,10 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import softkd
-from softkd.errors import ConfigError
+from softkd.errors import ConfigError, TrainingError
 from softkd.losses import UNLABELED
 from softkd.methods import SoftTarget
 from softkd.models import build_model
@@ -174,3 +175,33 @@ def test_device_selection():
             select_device("cuda")
     with pytest.raises(ConfigError, match="Unknown device 'tpu'"):
         select_device("tpu")
+
+
+class _PoisonedAtStep5(nn.Module):
+    """A linear model whose training outputs turn NaN from its 5th training forward pass on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            out = out * float("nan") if self.calls >= 5 else out
+        return out
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-every-step", "deferred-as-on-gpus"])
+def test_nan_loss_names_its_step_and_never_reaches_a_checkpoint(tmp_path, digit_splits, monkeypatch, deferred):
+    # Accelerators record the first bad step on the device and raise at the next log record,
+    # checkpoint or epoch end; forced here on the CPU to test that path.
+    monkeypatch.setattr("softkd.train.loop._defer_checks", lambda device: deferred)
+    with pytest.raises(TrainingError, match=r"non-finite at step 5 \(term\(s\): ce\).*last good checkpoint"):
+        softkd.fit(_PoisonedAtStep5(), digit_splits.train, epochs=2, batch_size=64, checkpoint_dir=tmp_path,
+                   checkpoint_every=3, log=lambda record: None, log_every=4)
+    saved = sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))
+    assert saved == ["ckpt-00000003.pt"]
+    state = torch.load(tmp_path / saved[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

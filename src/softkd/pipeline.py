@@ -66,9 +66,9 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                     for kind in KINDS:
                         name = f"{kind}-labels{fraction:g}-seed{seed}"
                         distilled = kind == "distilled"
+                        cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views"})
                         key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
-                                    config.method if distilled else None,
-                                    config.cache.model_dump(exclude={"dir", "shard_size"}) if distilled else None,
+                                    config.method if distilled else None, cache_key if distilled else None,
                                     *_augment_key(config))
                         result = _read_stamp(out / "students" / f"{name}.json", key)
                         if result is None:

@@ -17,7 +17,7 @@ def predict(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
     for batch in batches:
         logits.append(model(batch["x"].to(device)).float().cpu())
-        labels.append(batch["y"])
+        labels.append(batch["y"].cpu())  # data may live on the GPU; metrics run on the CPU
     return torch.cat(logits), torch.cat(labels)
 
 

@@ -134,6 +134,7 @@ def fit(
     generator = getattr(micro_batches, "generator", None)
     term_keys = getattr(objective, "terms", ("loss",))
     result = FitResult(model=model)
+    guard = _FiniteLoss(device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
                    precision=precision, processes=dist.world, views=views,
@@ -147,6 +148,7 @@ def fit(
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
         if folder is None:
             return
+        guard.raise_if_bad()  # a checkpoint is only ever written from good weights
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
         if dist.is_main:
             save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
@@ -160,23 +162,23 @@ def fit(
         if len(group) > 1 or dist.world > 1:  # normalise every micro-batch by the whole batch's counts
             counts = {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
                       "sample_count": sum(b["x"].shape[0] for b in group)}
-        summed: dict[str, float] = {}
+        summed: dict[str, torch.Tensor] = {}  # float64 on the device: reading them would wait for it
         for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if augment is not None:
                 batch = _augmented(batch, augment, epoch, views)
             with autocast(precision, device):
                 terms = objective(model, batch, **counts)
-            if not torch.isfinite(terms["loss"]):
-                raise TrainingError(_nonfinite_message(terms, result.steps + 1, folder))
+            guard.check(terms, result.steps + 1)
             scaler.scale(terms["loss"]).backward()
             for key, value in terms.items():
-                summed[key] = summed.get(key, 0.0) + float(value.detach())
+                summed[key] = summed.get(key, 0.0) + value.detach().double()
         if dist.world > 1:
             scaler.unscale_(opt)
             dist.sum_gradients_(params)
-            totals = dist.sum_(torch.tensor([summed.get(k, 0.0) for k in term_keys], dtype=torch.float64))
-            summed = dict(zip(term_keys, totals.tolist()))
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            totals = dist.sum_(torch.stack([torch.as_tensor(summed.get(k, zero), device=device) for k in term_keys]))
+            summed = dict(zip(term_keys, totals))
         if clip_grad_norm is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
@@ -210,6 +212,8 @@ def fit(
             group = []
             result.steps += 1
             if log is not None and log_every and result.steps % log_every == 0:
+                guard.raise_if_bad()
+                terms = {k: float(v) for k, v in terms.items()}
                 now = time.perf_counter()
                 log({"kind": "step", "epoch": epoch, "step": result.steps, "lr": opt.param_groups[0]["lr"],
                      **{f"train_{k}": v for k, v in terms.items()},
@@ -224,6 +228,8 @@ def fit(
                 run.done = position
                 checkpoint(epoch, position, epoch_start)
         run.done = 0
+        guard.raise_if_bad()
+        run.totals = {k: float(v) for k, v in run.totals.items()}
         seconds = time.perf_counter() - epoch_began
         record = {"epoch": epoch, "step": result.steps,
                   **{f"train_{k}": v / max(run.seen, 1) for k, v in run.totals.items()},
@@ -283,7 +289,7 @@ def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done
     return {
         "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
-        "epoch_start": epoch_start, "totals": dict(run.totals), "seen": run.seen, "stale": run.stale,
+        "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen, "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
         "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
     }
@@ -313,10 +319,40 @@ def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> N
         raise ConfigError(f"The 'patience' of train must be >= 1 or null; got {patience}.")
 
 
-def _nonfinite_message(terms: dict, step: int, folder: Path | None) -> str:
-    bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(float(v))] or ["loss"]
-    kept = f" The last good checkpoint is kept in {folder}." if folder is not None else ""
-    return (
-        f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
-        f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}"
-    )
+class _FiniteLoss:
+    """Stops a run whose loss turns NaN or inf, naming the step and the term.
+
+    On the CPU every step is checked before its optimizer step. On accelerators reading the loss
+    would make the host wait for the device every step, so the first bad step (and its terms) is
+    recorded on the device and raised at the next log record, checkpoint or epoch end — always
+    before a checkpoint could be written from the damaged weights."""
+
+    def __init__(self, device: torch.device, *, folder: Path | None):
+        self.deferred, self.folder = _defer_checks(device), folder
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_terms: dict[str, torch.Tensor] = {}
+
+    def check(self, terms: dict, step: int) -> None:
+        if not self.deferred:
+            if not torch.isfinite(terms["loss"]):
+                raise TrainingError(self._message({k: float(v.detach()) for k, v in terms.items()}, step))
+            return
+        new = (self.first_bad < 0) & ~torch.isfinite(terms["loss"].detach())
+        self.first_bad = torch.where(new, step, self.first_bad)
+        for key, value in terms.items():
+            kept = self.bad_terms.get(key, torch.zeros((), device=value.device))
+            self.bad_terms[key] = torch.where(new, value.detach().float(), kept)
+
+    def raise_if_bad(self) -> None:
+        if self.deferred and int(self.first_bad) >= 0:
+            raise TrainingError(self._message({k: float(v) for k, v in self.bad_terms.items()}, int(self.first_bad)))
+
+    def _message(self, terms: dict[str, float], step: int) -> str:
+        bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)] or ["loss"]
+        kept = f" The last good checkpoint is kept in {self.folder}." if self.folder is not None else ""
+        return (f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
+                f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}")
+
+
+def _defer_checks(device: torch.device) -> bool:
+    return device.type != "cpu"
