@@ -71,3 +71,28 @@ def test_tensorboard_without_the_package_is_a_clear_error_before_any_file(tmp_pa
     with pytest.raises(ConfigError, match=r"'tensorboard' package is not installed; pip install"):
         run_experiment(RunConfig.model_validate(TINY), out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_change_retrains_students_of_a_loaded_teacher(tmp_path):
+    import torch
+
+    from softkd.config import RunConfig
+    from softkd.models import build_model
+    from softkd.models.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    save_weights(build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10), tmp_path / "teacher.safetensors")
+    raw = {**TINY, "teacher": {"model": "mlp-16", "checkpoint": str(tmp_path / "teacher.safetensors")},
+           "output": {}}
+
+    def stamps():
+        return {p.name: json.loads(p.read_text())["key"] for p in (tmp_path / "run" / "students").glob("*.json")}
+
+    run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "run")
+    first = stamps()
+    run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "run")
+    assert stamps() == first  # unchanged: reused
+    raw["data"] = {**raw["data"], "val_fraction": 0.2}
+    run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "run")
+    changed = stamps()
+    assert changed.keys() == first.keys() and all(changed[k] != first[k] for k in first)

@@ -210,3 +210,20 @@ def test_cosine_schedule_decays_to_zero_over_the_budget(digit_splits):
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     with pytest.raises(ConfigError, match="lr_schedule"):
         build_scheduler(opt, "linear", 10)
+
+
+@pytest.mark.parametrize("monitor, best", [("nll", min), ("ece", min), ("loss", min), ("accuracy", max)])
+def test_monitor_chooses_the_validation_metric_that_picks_the_best_epoch(digit_splits, monitor, best):
+    student = _student()
+    snapshots = {}
+    result = softkd.fit(student, _small(digit_splits), val_data=digit_splits.val, epochs=8, lr=0.5, monitor=monitor,
+                        log=lambda r: snapshots.setdefault(r["epoch"], copy.deepcopy(student.state_dict())))
+    values = [r[f"val_{monitor}"] for r in result.history]
+    assert result.best_epoch == 1 + values.index(best(values))
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, snapshots[result.best_epoch][key])
+
+
+def test_unknown_monitor_is_refused(digit_splits):
+    with pytest.raises(ConfigError, match=r"'monitor' of train must be one of accuracy, loss, nll, ece; got 'f1'"):
+        softkd.fit(_student(), _small(digit_splits), val_data=digit_splits.val, epochs=1, monitor="f1")

@@ -125,6 +125,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     """λ: the weight of R(θ) = ½‖w‖² on weights (not norms and biases), applied as weight decay."""
     patience: int | None = Field(None, ge=1)
+    """Stop after this many epochs without a better ``monitor`` score (convergence)."""
+    monitor: Literal["accuracy", "loss", "nll", "ece"] = "accuracy"
+    """The validation metric that picks the best epoch (restored at the end) and drives ``patience``."""
     lr_schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -67,7 +67,8 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                         name = f"{kind}-labels{fraction:g}-seed{seed}"
                         distilled = kind == "distilled"
                         cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views"})
-                        key = _hash(teacher_key, kind, fraction, seed, config.student, _train_key(config),
+                        key = _hash(teacher_key, _data_key(config), kind, fraction, seed, config.student,
+                                    _train_key(config),
                                     config.method if distilled else None, cache_key if distilled else None,
                                     *_augment_key(config))
                         result = _read_stamp(out / "students" / f"{name}.json", key)
@@ -267,7 +268,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
                   lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
-                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience, seed=seed,
+                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience,
+                  monitor=train.monitor, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
                   log_every=train.log_every, **checkpointing)
     augment = _augment(config)
@@ -276,6 +278,11 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
         return fit(student, transfer, augment=augment, views=views, **budget).model
     return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
                    teacher_logits=transfer_logits, augment=augment, **budget).model
+
+
+def _data_key(config: RunConfig) -> dict:
+    """The data a student trains and is validated on (a loaded teacher's key does not cover it)."""
+    return config.data.model_dump(mode="json", exclude={"labeled_fraction", "augment", "shift"})
 
 
 def _augment(config: RunConfig):

@@ -58,11 +58,13 @@ def teacher_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, objective: nn.Module | None = None) -> dict[str, float | None]:
-    """Accuracy, NLL and ECE on labeled samples; with ``objective``, also its mean loss."""
+def evaluate(model: nn.Module, batches, *, objective: nn.Module | None = None,
+             with_loss: bool = False) -> dict[str, float | None]:
+    """Accuracy, NLL and ECE on labeled samples; with ``objective``, also its mean loss when the
+    samples have no labels or ``with_loss``."""
     logits, labels = predict(model, batches)
     out = classification_metrics(logits, labels)
-    if objective is not None and out["accuracy"] is None:
+    if objective is not None and (out["accuracy"] is None or with_loss):
         objective.eval()
         total, n = 0.0, 0
         for batch in batches:

@@ -27,6 +27,9 @@ from softkd.train.optim import build_optimizer, build_scheduler, trainable_param
 from softkd.train.runtime import Distributed, autocast, grad_scaler
 
 
+MONITORS = {"accuracy": 1.0, "loss": -1.0, "nll": -1.0, "ece": -1.0}  # sign: higher is better
+
+
 @dataclass
 class FitResult:
     """What a run learned: the model (best weights restored when validated) and its history."""
@@ -60,6 +63,7 @@ def fit(
     clip_grad_norm: float | None = None,
     precision: str = "fp32",
     patience: int | None = None,
+    monitor: str = "accuracy",
     seed: int = 0,
     extras: dict[str, torch.Tensor] | None = None,
     augment: Callable | None = None,
@@ -77,9 +81,10 @@ def fit(
 
     Stops after ``epochs``, or ``max_steps`` optimizer steps, or when the validation score has
     not improved for ``patience`` epochs (convergence); with ``val_data`` the best epoch's
-    weights are restored. The score is validation accuracy, or minus the objective's loss when
-    the validation set has no labels. ``extras`` are per-sample tensors added to each batch
-    (e.g. precomputed ``teacher_logits``).
+    weights are restored. ``monitor`` chooses the validation metric that decides both:
+    ``accuracy`` (higher is better), ``loss`` (the objective's), ``nll`` or ``ece`` (lower is
+    better); without labels in the validation set it falls back to the objective's loss.
+    ``extras`` are per-sample tensors added to each batch (e.g. precomputed ``teacher_logits``).
 
     ``augment`` (e.g. :class:`softkd.data.augment.ShiftFlip`) replaces each training batch's
     inputs by one seeded view per sample: with ``views`` = K, view ``augment.pick(id, epoch, K)``
@@ -103,6 +108,8 @@ def fit(
     that step, learning rate, images/s since the last one).
     """
     _check_budget(epochs, max_steps, patience)
+    if monitor not in MONITORS:
+        raise ConfigError(f"The 'monitor' of train must be one of {', '.join(MONITORS)}; got {monitor!r}.")
     dist = Distributed()
     if accumulate < 1 or batch_size % (accumulate * dist.world):
         raise ConfigError(f"'batch_size' ({batch_size}) must be a multiple of 'accumulate' ({accumulate}) times "
@@ -137,7 +144,7 @@ def fit(
     guard = _FiniteLoss(device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
-                   precision=precision, processes=dist.world, views=views,
+                   precision=precision, processes=dist.world, views=views, monitor=monitor,
                    augment=augment.describe() if hasattr(augment, "describe") else repr(augment))
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None:
@@ -236,9 +243,10 @@ def fit(
                   "epoch_s": seconds, "images_per_s": run.seen / max(seconds, 1e-9)}
         run.totals, run.seen = {}, 0
         if val_batches is not None:
-            val = evaluate(model, val_batches, objective=objective)
+            val = evaluate(model, val_batches, objective=objective, with_loss=monitor == "loss")
             record.update({f"val_{k}": v for k, v in val.items()})
-            score = val["accuracy"] if val.get("accuracy") is not None else -val["loss"]
+            watched = monitor if val.get(monitor) is not None else "loss"
+            score = val[watched] * MONITORS[watched]  # higher is better
             if result.best_score is None or score > result.best_score:
                 result.best_score, result.best_epoch, run.stale = score, epoch, 0
                 run.best_state = copy.deepcopy(model.state_dict())
@@ -285,11 +293,14 @@ class _RunState:
     best_state: dict | None = None
 
 
-def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key, rngs) -> dict:
+def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
+              rngs) -> dict:
     return {
         "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch, "done": done,
-        "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen, "stale": run.stale,
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch,
+        "done": done,
+        "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen,
+        "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
         "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
     }
@@ -303,7 +314,8 @@ def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitR
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_states(saved["rng"][rank])  # one per process, in rank order
     result.steps, result.history = saved["step"], list(saved["history"])
-    result.best_score, result.best_epoch, result.stopped_by = saved["best_score"], saved["best_epoch"], saved["stopped_by"]
+    result.best_score, result.best_epoch = saved["best_score"], saved["best_epoch"]
+    result.stopped_by = saved["stopped_by"]
     result.epochs = saved["epoch"] - 1
     return _RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
                      totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
