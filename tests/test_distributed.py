@@ -209,3 +209,14 @@ def test_two_process_run_killed_and_resumed_gives_the_same_weights_bit_for_bit(t
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_softkd_teacher_under_torchrun_writes_once_and_reports_once(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN_CONFIG)
+    proc = _launch(["-m", "softkd.cli", "teacher", "run.yaml", "--out", "t"], processes=2, cwd=tmp_path)
+    assert proc.stdout.count("Teacher mlp-32") == 1
+    stamp = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    assert stamp["result"]["test"]["accuracy"] > 0.5
+    assert (tmp_path / "t" / "teacher.safetensors").is_file() and not (tmp_path / "t" / "teacher.ckpt").exists()
+    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("kind") != "step" for r in records) == 3
