@@ -27,6 +27,7 @@ from softkd.models.checkpoint import load_weights, save_weights
 from softkd.models.teacher import Teacher
 from softkd.models.loading import check_num_classes, resolve_model
 from softkd.models.zoo import count_params
+from softkd.report.run_log import RunLog, summary_writer
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
@@ -53,7 +54,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
-        with _Logger(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
+        with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
             teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
             teacher = Teacher(teacher)
             test_batches = build_loader(splits.test, batch_size=inference_batch_size(teacher))
@@ -114,7 +115,7 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
-        with _Logger(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
+        with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
             _teacher_stage(config, teacher, splits, out, logger, resume)
         Distributed().barrier()  # teacher.json is written
         return json.loads((out / "teacher.json").read_text())["result"]
@@ -127,7 +128,7 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> Sof
     with cpu_threads(config.train.threads):
         splits, teacher = _prepare(config)
         out = _open_run_dir(config, out_dir)
-        with _Logger(out, progress, total=config.teacher.epochs) as logger:
+        with RunLog(out, progress, total=config.teacher.epochs) as logger:
             _teacher_stage(config, teacher, splits, out, logger)
             return _open_or_build_cache(config, Teacher(teacher), splits, out, logger)
 
@@ -178,7 +179,7 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
 
 def _prepare(config: RunConfig, *, load: bool = True):
     if config.output.tensorboard:
-        _Board.writer()  # missing package: fail before anything is written
+        summary_writer()  # missing package: fail before anything is written
     d = config.data
     splits = load_splits(d.name, path=d.path, test_path=d.test_path, unlabeled_path=d.unlabeled_path,
                          label_column=d.label_column, data_dir=d.dir, val_fraction=d.val_fraction,
@@ -207,7 +208,7 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     return out
 
 
-def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: "_Logger",
+def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: RunLog,
                    resume: bool = False) -> str:
     """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key."""
     t = config.teacher
@@ -327,85 +328,3 @@ def _write_stamp(path: Path, key: str, result: dict) -> None:
 def _count_epochs(config: RunConfig) -> int:
     students = len(config.data.fractions) * len(config.train.seeds) * len(KINDS)
     return config.teacher.epochs + students * config.train.epochs
-
-
-class _Logger:
-    """Appends tagged records to metrics.jsonl, moves the progress bar and, with ``tensorboard``,
-    writes the same figures as TensorBoard events (one event folder per job under
-    ``tensorboard/``). Only the main process of a data-parallel run writes or draws anything."""
-
-    def __init__(self, out: Path, progress, *, total: int, tensorboard: bool = False):
-        main = Distributed().is_main
-        self.file = (out / "metrics.jsonl").open("a") if main else None
-        self.progress = progress if main else None
-        self.task = self.progress.add_task("softkd", total=total) if self.progress is not None else None
-        self.board = _Board(out / "tensorboard") if tensorboard and main else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()
-        if self.board is not None:
-            self.board.close()
-
-    def bind(self, **tags):
-        job = "-".join([tags["stage"]] + [f"{k.split('_')[0]}{v:g}" for k, v in tags.items() if k != "stage"])
-
-        def log(record: dict) -> None:
-            if self.file is None:
-                return
-            self.file.write(json.dumps({**tags, **record}) + "\n")
-            self.file.flush()
-            if self.board is not None:
-                self.board.add(job, record)
-            if self.progress is not None:  # the bar counts epochs; step records refresh the figures
-                advance = 0 if record.get("kind") == "step" else 1
-                self.progress.update(self.task, advance=advance, description=_describe_job(tags, record))
-        return log
-
-    def skip(self, epochs: int, description: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=epochs, description=description)
-
-
-class _Board:
-    """TensorBoard event files: one SummaryWriter per job (teacher, scratch-labels0.1-seed0, ...);
-    step records go under ``step/``, epoch records under ``epoch/``, both against the optimizer step."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.writer_class, self.writers = folder, self.writer(), {}
-
-    @staticmethod
-    def writer():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package
-            raise ConfigError("output.tensorboard is true but the 'tensorboard' package is not installed; "
-                              "pip install 'softkd[tensorboard]' or set output.tensorboard: false.") from None
-        return SummaryWriter
-
-    def add(self, job: str, record: dict) -> None:
-        if job not in self.writers:
-            self.writers[job] = self.writer_class(log_dir=str(self.folder / job))
-        writer, group = self.writers[job], "step" if record.get("kind") == "step" else "epoch"
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
-                writer.add_scalar(f"{group}/{key}", value, global_step=record["step"])
-        writer.flush()
-
-    def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
-
-def _describe_job(tags: dict, record: dict) -> str:
-    name = tags["stage"]
-    if "seed" in tags:
-        name += f" {tags['labeled_fraction']:.0%} labels seed {tags['seed']}"
-    figures = [f"epoch {record['epoch']:>3}", f"loss {record.get('train_loss', float('nan')):.3f}"]
-    if record.get("val_accuracy") is not None:
-        figures.append(f"val acc {record['val_accuracy']:.3f}")
-    figures.append(f"{record.get('images_per_s', 0):,.0f} img/s")
-    return f"{name:<32} " + "  ".join(figures)

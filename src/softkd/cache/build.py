@@ -104,12 +104,16 @@ def write_shards(work: Path, run: TeacherRun, plan: dict, *, batch_size: int, pr
             entry = {"file": name, "samples": stop - start, "bytes": (stop - start) * sample_bytes,
                      "sha256": sha256_file(work / name)}
             finished[name] = entry
-            mine = [e for e in finished.values() if int(e["file"][6:11]) % world == rank]
+            mine = [e for e in finished.values() if _shard_index(e["file"]) % world == rank]
             atomic_write_text(work / record, json.dumps({"plan": plan, "shards": mine}))
         shards.append(entry)
         if progress is not None:
             progress(stop, n)
     return shards
+
+
+def _shard_index(name: str) -> int:
+    return int(name.removeprefix("shard-").split(".")[0])
 
 
 def finished_shards(work: Path, plan: dict) -> dict[str, dict]:

@@ -65,7 +65,7 @@ def distill(
     extras = None
     if soft_targets is not None:
         extras = {"soft_targets": torch.as_tensor(soft_targets).float()}
-    elif not isinstance(train, torch.utils.data.DataLoader) and not (augment is not None and teacher_logits is None):
+    elif not isinstance(train, torch.utils.data.DataLoader) and (augment is None or teacher_logits is not None):
         if teacher_logits is None:
             teacher_logits = teacher.predict_logits(build_loader(train, batch_size=inference_batch_size(teacher)))
         extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
