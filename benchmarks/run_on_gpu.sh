@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1
 shift
-PY=$(command -v python || command -v python3)
+PY=${PYTHON:-$(command -v python || command -v python3)}
 # pip only if a dependency is missing (offline-safe).
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import softkd" 2>/dev/null; then

@@ -35,6 +35,28 @@ def trained_teacher(digit_splits):
     return teacher
 
 
+@pytest.fixture
+def poisoned_at_step5():
+    """Makes a linear model on 8×8 inputs whose training outputs turn NaN from its 5th training
+    forward pass on."""
+    from torch import nn
+
+    class PoisonedAtStep5(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+            self.calls = 0
+
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                self.calls += 1
+                out = out * float("nan") if self.calls >= 5 else out
+            return out
+
+    return PoisonedAtStep5
+
+
 def pytest_configure(config):
     # Tests use tiny models: one thread is as fast and does not spin against a busy second core.
     torch.set_num_threads(1)

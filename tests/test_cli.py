@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from softkd.cli import app
@@ -37,6 +38,10 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     assert len(regime["scratch"]["accuracy"]["runs"]) == 2
     assert {"gap_recovered", "agreement", "ece", "params", "verdict"} <= set(regime)
     assert report["config"]["method"]["temperature"] == 4.0 and report["versions"]["torch"]
+    expected_device = "cuda:0" if torch.cuda.is_available() else "cpu ("
+    assert report["hardware"]["device"].startswith(expected_device)
+    assert report["hardware"]["processes"] == 1 and report["hardware"]["precision"] == "fp32"
+    assert f"Ran on {report['hardware']['device']}, fp32, 1 process " in (out / "report.md").read_text()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["stage"] for line in lines} == {"teacher", "scratch", "distilled"}
     epochs = [line for line in lines if line.get("kind") != "step"]

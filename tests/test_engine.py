@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 import softkd
 from softkd.errors import ConfigError, TrainingError
@@ -177,31 +176,47 @@ def test_device_selection():
         select_device("tpu")
 
 
-class _PoisonedAtStep5(nn.Module):
-    """A linear model whose training outputs turn NaN from its 5th training forward pass on."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        self.calls = 0
-
-    def forward(self, x):
-        out = self.net(x)
-        if self.training:
-            self.calls += 1
-            out = out * float("nan") if self.calls >= 5 else out
-        return out
-
-
 @pytest.mark.parametrize("deferred", [False, True], ids=["checked-every-step", "deferred-as-on-gpus"])
-def test_nan_loss_names_its_step_and_never_reaches_a_checkpoint(tmp_path, digit_splits, monkeypatch, deferred):
+def test_nan_loss_names_its_step_and_never_reaches_a_checkpoint(tmp_path, digit_splits, monkeypatch, deferred,
+                                                                 poisoned_at_step5):
     # Accelerators record the first bad step on the device and raise at the next log record,
     # checkpoint or epoch end; forced here on the CPU to test that path.
-    monkeypatch.setattr("softkd.train.loop._defer_checks", lambda device: deferred)
+    monkeypatch.setattr("softkd.train.terms.defer_checks", lambda device: deferred)
     with pytest.raises(TrainingError, match=r"non-finite at step 5 \(term\(s\): ce\).*last good checkpoint"):
-        softkd.fit(_PoisonedAtStep5(), digit_splits.train, epochs=2, batch_size=64, checkpoint_dir=tmp_path,
+        softkd.fit(poisoned_at_step5(), digit_splits.train, epochs=2, batch_size=64, checkpoint_dir=tmp_path,
                    checkpoint_every=3, log=lambda record: None, log_every=4)
     saved = sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))
     assert saved == ["ckpt-00000003.pt"]
     state = torch.load(tmp_path / saved[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_step_terms_folded_in_chunks_give_the_same_history_and_guard(tmp_path, digit_splits, monkeypatch,
+                                                                      poisoned_at_step5):
+    # The loop keeps each step's terms on the device and folds them into the epoch's sums every
+    # CHUNK steps; the fold must change neither the logged figures nor which step the guard names.
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)
+        steps = []
+        fit = softkd.fit(model, digit_splits.train, epochs=2, batch_size=64, log=steps.append, log_every=3,
+                         **kwargs)
+        return fit.history, steps
+
+    history, steps = run()
+    monkeypatch.setattr("softkd.train.terms.StepTerms.CHUNK", 2)
+    monkeypatch.setattr("softkd.train.terms.defer_checks", lambda device: True)
+    folded_history, folded_steps = run()
+    for a, b in zip(history + steps, folded_history + folded_steps, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+        assert a.get("train_ce") == pytest.approx(b.get("train_ce"), rel=1e-12)
+    with pytest.raises(TrainingError, match=r"non-finite at step 5 \(term\(s\): ce\)"):
+        softkd.fit(poisoned_at_step5(), digit_splits.train, epochs=2, batch_size=64, checkpoint_dir=tmp_path,
+                   checkpoint_every=3)
+
+
+def test_resident_leaves_cpu_runs_alone(digit_splits):
+    from softkd.train.runtime import resident
+
+    logits = torch.randn(len(digit_splits.train), 10)
+    assert resident(torch.device("cpu"), digit_splits.train, logits, None) == (digit_splits.train, logits, None)

@@ -31,7 +31,7 @@ from softkd.report.run_log import RunLog, summary_writer
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
-from softkd.train.runtime import Distributed, inference_batch_size, select_device
+from softkd.train.runtime import Distributed, inference_batch_size, resident, select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:
@@ -264,8 +264,10 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
     student = resolve_model(config.student.model, input_shape=splits.train.input_shape,
                             num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
     train = config.train
-    student = student.to(select_device(train.device))
-    budget = dict(val_data=splits.val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
+    device = select_device(train.device)
+    student = student.to(device)
+    transfer, val, transfer_logits = resident(device, transfer, splits.val, transfer_logits)
+    budget = dict(val_data=val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
                   lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,

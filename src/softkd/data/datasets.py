@@ -67,6 +67,15 @@ class ArrayDataset(torch.utils.data.Dataset):
             name=name or self.name,
         )
 
+    def to(self, device) -> "ArrayDataset":
+        """The same samples on ``device``."""
+        return ArrayDataset(self.x.to(device), self.y.to(device), ids=self.ids.to(device),
+                            num_classes=self.num_classes, name=self.name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes + self.ids.nbytes
+
     def with_labels(self, y: torch.Tensor) -> "ArrayDataset":
         return ArrayDataset(self.x, y, ids=self.ids, num_classes=self.num_classes, name=self.name)
 

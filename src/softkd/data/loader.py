@@ -30,10 +30,17 @@ class IndexBatches:
     def __iter__(self):
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for index in order.split(self.batch_size):
-            batch = {"x": self.data.x[index], "y": self.data.y[index], "id": self.data.ids[index], "index": index}
-            for key, values in self.extras.items():
-                batch[key] = values[index]
+        columns = {"x": self.data.x, "y": self.data.y, "id": self.data.ids, **self.extras}
+        # The order is drawn on the CPU (one generator for every device, so runs replay exactly) and
+        # copied once per epoch to each device the tensors live on: indexing a GPU tensor with a CPU
+        # index would copy the index, and wait for the copy, at every batch.
+        splits = {}
+        for values in columns.values():
+            if values.device not in splits:
+                splits[values.device] = order.to(values.device).split(self.batch_size)
+        for i in range(len(splits[self.data.x.device])):
+            batch = {key: values[splits[values.device][i]] for key, values in columns.items()}
+            batch["index"] = splits[self.data.x.device][i]
             yield batch
 
 

@@ -155,6 +155,10 @@ def soft_target_kl(
     student_log_probs = F.log_softmax(_compute_dtype(student_logits) / temperature, dim=-1)
     if teacher_logits is not None:
         teacher_log_probs = F.log_softmax(_compute_dtype(teacher_logits.detach()) / temperature, dim=-1)
+        if mask is None:  # fewest kernels (this runs every step): one sum over samples and classes
+            total = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+            denominator = student_log_probs[..., 0].numel() if count is None else count
+            return temperature**2 * _divide(total, denominator)
         per_sample = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
     else:
         probs = soft_targets.detach().to(student_log_probs.dtype)
@@ -207,8 +211,12 @@ def cross_entropy(
         return logits.sum() * 0.0
     labels = labels.reshape(-1)
     labeled = labels >= 0
-    if mask is not None:
-        labeled = labeled & mask.reshape(-1).bool()
+    if mask is None:
+        # Fewest kernels (this runs every step): unlabeled rows are ignored inside the loss itself.
+        total = F.cross_entropy(logits, labels.clamp(min=UNLABELED), ignore_index=UNLABELED, reduction="sum")
+        denominator = labeled.sum() if count is None else count
+        return _divide(total, denominator)
+    labeled = labeled & mask.reshape(-1).bool()
     per_sample = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     return _masked_mean(per_sample, labeled, count)
 
@@ -227,7 +235,11 @@ def _masked_mean(
         denominator = weights.sum() if count is None else count
     else:
         denominator = per_sample.numel() if count is None else count
-    total = per_sample.sum()
+    return _divide(per_sample.sum(), denominator)
+
+
+def _divide(total: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
+    """``total / max(denominator, 1)``: no samples give 0, not NaN."""
     if isinstance(denominator, torch.Tensor):
         return total / denominator.clamp(min=1)
     return total / max(float(denominator), 1.0)

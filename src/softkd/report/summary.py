@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from softkd.train.runtime import Distributed, describe_device, select_device
 from softkd.utils import atomic_write_text
 
 
@@ -70,6 +71,8 @@ def build_report(config, teacher_eval: dict, teacher_params: int, runs: list[dic
         "method": config.method.model_dump(),
         "seeds": config.train.seeds,
         "config": config.model_dump(mode="json"),
+        "hardware": {"device": describe_device(select_device(config.train.device)),
+                     "precision": config.train.precision, "processes": Distributed().world},
         "versions": {"softkd": softkd.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -116,7 +119,19 @@ def write_report(report: dict, out: Path) -> None:
         "",
         markdown_table(report),
         "",
+        _hardware_line(report),
+        "",
     ]))
+
+
+def _hardware_line(report: dict) -> str:
+    """This invocation's device; students reused from an earlier run (same stamp) may have trained elsewhere."""
+    hw = report.get("hardware")
+    if not hw:
+        return ""
+    processes = hw["processes"]
+    return (f"Ran on {hw['device']}, {hw['precision']}, {processes} process{'es' if processes > 1 else ''} "
+            f"(torch {report['versions']['torch']}, softkd {report['versions']['softkd']}).")
 
 
 def _pct(x: float) -> str:

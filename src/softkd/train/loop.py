@@ -6,7 +6,6 @@ zero grad → forward → loss → backward → step → log → evaluate → ke
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 
 from softkd.data.datasets import as_dataset
 from softkd.data.loader import build_loader
-from softkd.errors import ConfigError, TrainingError
+from softkd.errors import ConfigError
 from softkd.evaluate.metrics import evaluate
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
@@ -25,6 +24,7 @@ from softkd.models.checkpoint import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.runtime import Distributed, autocast, grad_scaler
+from softkd.train.terms import StepTerms
 
 
 MONITORS = {"accuracy": 1.0, "loss": -1.0, "nll": -1.0, "ece": -1.0}  # sign: higher is better
@@ -139,9 +139,10 @@ def fit(
     scaler = grad_scaler(precision, device)
     autocast(precision, device)  # an unknown precision fails here, before any step
     generator = getattr(micro_batches, "generator", None)
-    term_keys = getattr(objective, "terms", ("loss",))
     result = FitResult(model=model)
-    guard = _FiniteLoss(device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    # Every process must stack the same terms; one process may take them from its first batch.
+    keys = getattr(objective, "terms", ("loss",) if dist.world > 1 else None)
+    terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
                    precision=precision, processes=dist.world, views=views, monitor=monitor,
@@ -151,17 +152,18 @@ def fit(
         saved = load_latest(folder, run_key=run_key)
         if saved is not None:
             run = _restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
+            terms_log.reset(run.totals)
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
         if folder is None:
             return
-        guard.raise_if_bad()  # a checkpoint is only ever written from good weights
+        run.totals = terms_log.sums()  # checked first: a checkpoint is only ever written from good weights
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
         if dist.is_main:
             save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
                                               epoch_start, run_key, rngs), keep_last=keep_last)
 
-    def step(group: list[dict], epoch: int) -> dict[str, float]:
+    def step(group: list[dict], epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch: this process trains on its share of the
         micro-batches, each normalised by the whole batch's counts, and gradients are summed."""
         opt.zero_grad(set_to_none=True)
@@ -169,23 +171,22 @@ def fit(
         if len(group) > 1 or dist.world > 1:  # normalise every micro-batch by the whole batch's counts
             counts = {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
                       "sample_count": sum(b["x"].shape[0] for b in group)}
-        summed: dict[str, torch.Tensor] = {}  # float64 on the device: reading them would wait for it
+        summed = None  # this step's terms on the device (in terms_log's order): reading them would wait for it
         for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if augment is not None:
                 batch = _augmented(batch, augment, epoch, views)
             with autocast(precision, device):
                 terms = objective(model, batch, **counts)
-            guard.check(terms, result.steps + 1)
+            terms_log.check(terms, result.steps + 1)
             scaler.scale(terms["loss"]).backward()
-            for key, value in terms.items():
-                summed[key] = summed.get(key, 0.0) + value.detach().double()
+            values = terms_log.stack(terms)
+            summed = values if summed is None else summed + values
         if dist.world > 1:
             scaler.unscale_(opt)
             dist.sum_gradients_(params)
-            zero = torch.zeros((), dtype=torch.float64, device=device)
-            totals = dist.sum_(torch.stack([torch.as_tensor(summed.get(k, zero), device=device) for k in term_keys]))
-            summed = dict(zip(term_keys, totals))
+            mine = summed.double() if summed is not None else torch.zeros(len(keys), dtype=torch.float64, device=device)
+            summed = dist.sum_(mine)
         if clip_grad_norm is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
@@ -203,6 +204,7 @@ def fit(
         model.train()
         objective.train()
         group, position = [], 0
+        terms_log.reset(run.totals)
         epoch_began = logged_at = time.perf_counter()
         seen_at_log = run.seen
         for position, batch in enumerate(micro_batches, start=1):
@@ -212,15 +214,12 @@ def fit(
             if len(group) < group_size and position < len(micro_batches):
                 continue
             n = sum(b["x"].shape[0] for b in group)
-            terms = step(group, epoch)
-            for key, value in terms.items():
-                run.totals[key] = run.totals.get(key, 0.0) + value * n
+            terms_log.add(step(group, epoch), step=result.steps + 1, samples=n)
             run.seen += n
             group = []
             result.steps += 1
             if log is not None and log_every and result.steps % log_every == 0:
-                guard.raise_if_bad()
-                terms = {k: float(v) for k, v in terms.items()}
+                terms = terms_log.last()
                 now = time.perf_counter()
                 log({"kind": "step", "epoch": epoch, "step": result.steps, "lr": opt.param_groups[0]["lr"],
                      **{f"train_{k}": v for k, v in terms.items()},
@@ -235,12 +234,12 @@ def fit(
                 run.done = position
                 checkpoint(epoch, position, epoch_start)
         run.done = 0
-        guard.raise_if_bad()
-        run.totals = {k: float(v) for k, v in run.totals.items()}
+        totals = terms_log.sums()
         seconds = time.perf_counter() - epoch_began
         record = {"epoch": epoch, "step": result.steps,
-                  **{f"train_{k}": v / max(run.seen, 1) for k, v in run.totals.items()},
+                  **{f"train_{k}": v / max(run.seen, 1) for k, v in totals.items()},
                   "epoch_s": seconds, "images_per_s": run.seen / max(seconds, 1e-9)}
+        terms_log.reset()
         run.totals, run.seen = {}, 0
         if val_batches is not None:
             val = evaluate(model, val_batches, objective=objective, with_loss=monitor == "loss")
@@ -329,42 +328,3 @@ def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> N
         raise ConfigError(f"The 'max_steps' of train must be >= 1 or null; got {max_steps}.")
     if patience is not None and patience < 1:
         raise ConfigError(f"The 'patience' of train must be >= 1 or null; got {patience}.")
-
-
-class _FiniteLoss:
-    """Stops a run whose loss turns NaN or inf, naming the step and the term.
-
-    On the CPU every step is checked before its optimizer step. On accelerators reading the loss
-    would make the host wait for the device every step, so the first bad step (and its terms) is
-    recorded on the device and raised at the next log record, checkpoint or epoch end — always
-    before a checkpoint could be written from the damaged weights."""
-
-    def __init__(self, device: torch.device, *, folder: Path | None):
-        self.deferred, self.folder = _defer_checks(device), folder
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_terms: dict[str, torch.Tensor] = {}
-
-    def check(self, terms: dict, step: int) -> None:
-        if not self.deferred:
-            if not torch.isfinite(terms["loss"]):
-                raise TrainingError(self._message({k: float(v.detach()) for k, v in terms.items()}, step))
-            return
-        new = (self.first_bad < 0) & ~torch.isfinite(terms["loss"].detach())
-        self.first_bad = torch.where(new, step, self.first_bad)
-        for key, value in terms.items():
-            kept = self.bad_terms.get(key, torch.zeros((), device=value.device))
-            self.bad_terms[key] = torch.where(new, value.detach().float(), kept)
-
-    def raise_if_bad(self) -> None:
-        if self.deferred and int(self.first_bad) >= 0:
-            raise TrainingError(self._message({k: float(v) for k, v in self.bad_terms.items()}, int(self.first_bad)))
-
-    def _message(self, terms: dict[str, float], step: int) -> str:
-        bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)] or ["loss"]
-        kept = f" The last good checkpoint is kept in {self.folder}." if self.folder is not None else ""
-        return (f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
-                f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}")
-
-
-def _defer_checks(device: torch.device) -> bool:
-    return device.type != "cpu"

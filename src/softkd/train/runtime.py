@@ -32,6 +32,28 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """What a report says the work ran on: 'cuda:0 (NVIDIA H200)', 'cpu (2 threads)', 'mps'."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def resident(device: torch.device, *items):
+    """``items`` (ArrayDatasets or tensors; None passes through) moved once to ``device`` when it is
+    a CUDA GPU and they fill at most a quarter of its free memory: batches are then gathered on
+    the GPU instead of copied from host memory at every step. Otherwise returned unchanged."""
+    movable = all(item is None or isinstance(item, torch.Tensor) or hasattr(item, "nbytes") for item in items)
+    if device.type != "cuda" or not movable:
+        return items
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(item.nbytes for item in items if item is not None) > free // 4:
+        return items
+    return tuple(None if item is None else item.to(device) for item in items)
+
+
 def autocast(precision: str, device: torch.device):
     """The context a forward pass runs in for ``precision``."""
     if precision not in PRECISIONS:
