@@ -1,9 +1,11 @@
 """The demo's claim, measured: with 10 % labels the distilled student beats scratch clearly."""
 
 import json
+import os
 from importlib import resources
 
 import pytest
+import torch
 
 from softkd.config import load_config
 from softkd.pipeline import run_experiment
@@ -96,3 +98,30 @@ def test_a_data_change_retrains_students_of_a_loaded_teacher(tmp_path):
     run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "run")
     changed = stamps()
     assert changed.keys() == first.keys() and all(changed[k] != first[k] for k in first)
+
+
+def test_deterministic_algorithms_on_request_and_restored_after(tmp_path, monkeypatch):
+    import softkd.pipeline as pipeline
+    from softkd.config import RunConfig
+    from softkd.train.runtime import deterministic_algorithms
+
+    seen = []
+    for name in ("fit", "distill"):  # every training job records the settings it ran under
+        real = getattr(pipeline, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                         torch.backends.cudnn.deterministic))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, name, spy)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    raw = {**TINY, "train": {**TINY["train"], "deterministic": True}, "output": {}}
+    run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "on")
+    assert len(seen) == 3 and all(s == (True, False, True) for s in seen), seen  # teacher, scratch, distilled
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    seen.clear()
+    run_experiment(RunConfig.model_validate({**TINY, "output": {}}), out_dir=tmp_path / "off")
+    assert len(seen) == 3 and not any(s[0] for s in seen)
+    with deterministic_algorithms():
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] and torch.are_deterministic_algorithms_enabled()

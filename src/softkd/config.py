@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
+    deterministic: bool = False
+    """Deterministic algorithms only (cuDNN autotuning off; an op without one stops the run, named):
+    GPU runs then repeat bit for bit, somewhat slower. CPU runs repeat bit for bit either way."""
 
 
 class CacheConfig(_Section):

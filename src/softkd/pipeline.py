@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,8 @@ from softkd.report.run_log import RunLog, summary_writer
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
-from softkd.train.runtime import Distributed, inference_batch_size, resident, select_device
+from softkd.train.runtime import (Distributed, deterministic_algorithms, inference_batch_size, resident,
+                                  select_device)
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     student trains data-parallel, the soft-label cache is built in shards across processes,
     and only the main process writes the run directory (the others get the same report)."""
     dist = Distributed()
-    with cpu_threads(config.train.threads):
+    with _runtime(config):
         splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
@@ -112,7 +114,7 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
     with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept.
     Trains data-parallel under torchrun / accelerate launch (see :func:`run_experiment`)."""
-    with cpu_threads(config.train.threads):
+    with _runtime(config):
         splits, teacher = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
@@ -125,7 +127,7 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> Sof
     """Only the cache stage (``softkd cache build``): the teacher (loaded from
     ``teacher.checkpoint`` or trained into ``out_dir``) runs once over the transfer set, its
     shards split across processes under torchrun / accelerate launch."""
-    with cpu_threads(config.train.threads):
+    with _runtime(config):
         splits, teacher = _prepare(config)
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=config.teacher.epochs) as logger:
@@ -302,9 +304,17 @@ def _augment_key(config: RunConfig) -> list:
 
 
 def _train_key(config: RunConfig) -> dict:
-    """Training settings that change what a student learns (not how often it is checkpointed)."""
+    """Training settings that change what a student learns (not how often it is checkpointed, nor
+    threads or deterministic algorithms, which only change how the arithmetic is scheduled)."""
     return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last",
-                                                         "log_every"})
+                                                         "log_every", "deterministic"})
+
+
+@contextmanager
+def _runtime(config: RunConfig):
+    """The process-wide torch settings a command runs under, restored afterwards."""
+    with cpu_threads(config.train.threads), deterministic_algorithms(config.train.deterministic):
+        yield
 
 
 def _hash(*parts) -> str:

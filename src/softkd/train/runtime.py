@@ -6,7 +6,7 @@ losses upcast to float32 before their reductions (softkd.losses)."""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -52,6 +52,26 @@ def resident(device: torch.device, *items):
     if sum(item.nbytes for item in items if item is not None) > free // 4:
         return items
     return tuple(None if item is None else item.to(device) for item in items)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """With ``enabled``, PyTorch's deterministic algorithms only (an op that has none raises,
+    naming it) and no cuDNN autotuning; the previous settings come back afterwards. cuBLAS reads
+    ``CUBLAS_WORKSPACE_CONFIG`` when it starts, so it is set here (if unset) before any GPU work."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    before = torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        cudnn.benchmark, cudnn.deterministic = before[1], before[2]
 
 
 def autocast(precision: str, device: torch.device):
