@@ -302,3 +302,22 @@ def test_run_with_its_own_cache_matches_the_uncached_run(tmp_path):
     assert (tmp_path / "cached" / "cache" / "manifest.json").is_file() and not (tmp_path / "live" / "cache").exists()
     reports = [json.loads((tmp_path / n / "report.json").read_text())["students"] for n in ("cached", "live")]
     assert reports[0] == reports[1]  # fp32 cache: the very same logits as running the teacher
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_error_every_process_shares_is_printed_once(tmp_path, monkeypatch, rank, printed):
+    # Under torchrun every process raises a shared error (Distributed.together); only the main
+    # process prints it, and every process exits with 2.
+    from softkd.cache.format import CacheError
+
+    def fail(*args, **kwargs):
+        error = CacheError("The teacher gave non-finite logits for samples 256..511.")
+        error.shared = True
+        raise error
+
+    monkeypatch.setattr("softkd.pipeline.run_experiment", fail)
+    monkeypatch.setenv("RANK", rank)
+    (tmp_path / "run.yaml").write_text("data: {name: digits}\n")
+    result = _invoke("run", tmp_path / "run.yaml", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert ("non-finite logits" in result.output) is printed

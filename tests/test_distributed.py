@@ -220,3 +220,66 @@ def test_softkd_teacher_under_torchrun_writes_once_and_reports_once(tmp_path):
     assert (tmp_path / "t" / "teacher.safetensors").is_file() and not (tmp_path / "t" / "teacher.ckpt").exists()
     records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("kind") != "step" for r in records) == 3
+
+
+FAILING_SCRIPT = r"""
+import json, os, sys, torch, softkd
+from torch import nn
+from softkd.data.datasets import digits
+from softkd.errors import SoftKDError
+torch.set_num_threads(1)
+out, what = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("RANK", "0"))
+splits = digits()
+
+
+class Poisoned(nn.Module):
+    # NaN outputs from the 5th training forward pass on, on process 1 only (the cache build: on
+    # the inputs marked with 99, which lie in process 1's shard only).
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if what == "cache":
+            return torch.where((x.flatten(1).amax(1) > 98)[:, None], torch.full_like(out, float("nan")), out)
+        self.calls += self.training
+        return out * float("nan") if rank == 1 and self.calls >= 5 else out
+
+
+try:
+    if what == "cache":
+        x = splits.train.x.clone()
+        x[300] = 99.0  # shard 1 of 256-sample shards: process 1's
+        data = softkd.ArrayDataset(x, splits.train.y, num_classes=10)
+        softkd.SoftLabelCache.build(out + "/cache", Poisoned(), data, fingerprint={"test": 1}, shard_size=256)
+    else:
+        softkd.fit(Poisoned(), splits.train, epochs=2, batch_size=64, checkpoint_dir=out + "/ckpt",
+                   checkpoint_every=3)
+    result = "finished"
+except SoftKDError as exc:
+    result = f"{type(exc).__name__} shared={getattr(exc, 'shared', False)}: {exc}"
+json.dump(result, open(f"{out}/result-{rank}.json", "w"))
+"""
+
+
+@pytest.mark.parametrize("what", ["cache", "train"])
+def test_an_error_on_one_process_stops_every_process_with_the_same_message(tmp_path, what):
+    # Without this, the other process goes on to its next collective and dies there with gloo's
+    # 'Connection closed by peer' when the failing one exits (seen: the test then fails here).
+    (tmp_path / "fail.py").write_text(FAILING_SCRIPT)
+    _launch([str(tmp_path / "fail.py"), str(tmp_path), what], processes=2, cwd=tmp_path, timeout=180)
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1], results
+    if what == "cache":
+        assert results[0].startswith("CacheError shared=True: The teacher gave non-finite logits for samples 256..")
+        assert not (tmp_path / "cache" / "manifest.json").exists()  # no cache that opens as complete
+    else:
+        assert results[0].startswith("TrainingError shared=True: The training loss became non-finite at step 5 "
+                                     "(term(s): ce)")
+        saved = sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt"))
+        assert saved == ["ckpt-00000003.pt"]
+        state = torch.load(tmp_path / "ckpt" / saved[0], weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())

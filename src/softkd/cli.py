@@ -35,7 +35,9 @@ def _user_errors(command):
         except SoftKDError as exc:
             if os.environ.get("SOFTKD_DEBUG") == "1":
                 raise
-            errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            # An error every process raised together (Distributed.together) is printed once.
+            if not getattr(exc, "shared", False) or os.environ.get("RANK", "0") == "0":
+                errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

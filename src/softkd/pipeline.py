@@ -93,19 +93,15 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                                 **classification_metrics(logits, test_labels),
                                 **teacher_metrics(logits, teacher_test_logits), "params": count_params(student),
                             }
-                            if dist.is_main:
-                                save_weights(student, out / "students" / f"{name}.safetensors")
-                                _write_stamp(out / "students" / f"{name}.json", key, result)
-                                if resume_from is not None:  # finished: its weights and stamp replace them
-                                    shutil.rmtree(resume_from, ignore_errors=True)
+                            dist.together(lambda: _save_student(out, name, student, key, result, resume_from)
+                                          if dist.is_main else None)
                         else:
                             logger.skip(config.train.epochs, f"{name} (up to date)")
                         runs.append(result)
         teacher_eval = classification_metrics(teacher_test_logits, test_labels)
         report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
-        if dist.is_main:
-            write_report(report, out)
-        dist.barrier()  # the run directory is complete before any process returns
+        # The run directory is complete before any process returns.
+        dist.together(lambda: write_report(report, out) if dist.is_main else None)
         return report
 
 
@@ -200,13 +196,23 @@ def _prepare(config: RunConfig, *, load: bool = True):
     return splits, teacher.to(select_device(config.train.device))
 
 
+def _save_student(out: Path, name: str, student, key: str, result: dict, resume_from: Path | None) -> None:
+    save_weights(student, out / "students" / f"{name}.safetensors")
+    _write_stamp(out / "students" / f"{name}.json", key, result)
+    if resume_from is not None:  # finished: its weights and stamp replace them
+        shutil.rmtree(resume_from, ignore_errors=True)
+
+
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     dist = Distributed()
-    if dist.is_main:
-        (out / "students").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(config))
-    dist.barrier()  # every process reads the folder as the main process left it
+
+    def create() -> None:
+        if dist.is_main:
+            (out / "students").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(config))
+
+    dist.together(create)  # every process reads the folder as the main process left it
     return out
 
 
@@ -239,7 +245,8 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
                  "teacher": t.model_dump(mode="json", exclude={"checkpoint"})})
-    if dist.is_main:
+
+    def save() -> None:
         save_weights(teacher, weights)
         (out / "teacher-last.safetensors").unlink(missing_ok=True)
         shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
@@ -247,6 +254,8 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
         _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
                                                  "data": config.data.name,
                                                  "test": classification_metrics(logits, labels)})
+
+    dist.together(lambda: save() if dist.is_main else None)
     return key
 
 

@@ -106,26 +106,28 @@ class SoftLabelCache:
         if replacing and not overwrite:
             raise CacheError(f"'{folder}' already holds a complete soft-label cache; open it with "
                              "SoftLabelCache.open, or pass overwrite=True to replace it.")
-        with teacher_inference(teacher):
-            run = TeacherRun(teacher, dataset, views=views, view_fn=view_fn, dtype=dtype, top_k=top_k)
-            if top_k is not None and top_k > run.num_classes:
-                raise CacheError(f"The 'top_k' of the soft-label cache must be <= the teacher's {run.num_classes} "
-                                 f"classes; got {top_k} (use top_k=None to store all logits).")
-            plan = {
-                "format_version": FORMAT_VERSION, "fingerprint": _as_json_data(fingerprint),
-                "num_samples": len(dataset), "num_classes": run.num_classes, "views": views, "dtype": dtype,
-                "top_k": top_k, "shard_size": shard_size, "ids_sha256": ids_sha256(dataset.ids),
-            }
-            # A complete cache stays valid (and in use) until the new one is fully written.
-            work = folder / STAGING if replacing else folder
-            shards = write_shards(work, run, plan, batch_size=batch_size, progress=progress, rank=dist.rank,
-                                  world=dist.world)
-        # Under torchrun / accelerate launch each process wrote every world-th shard; the main
-        # process writes the manifest once all are done.
+        # A complete cache stays valid (and in use) until the new one is fully written.
+        work = folder / STAGING if replacing else folder
+
+        def my_shards() -> tuple[dict, list[dict]]:
+            with teacher_inference(teacher):
+                run = TeacherRun(teacher, dataset, views=views, view_fn=view_fn, dtype=dtype, top_k=top_k)
+                if top_k is not None and top_k > run.num_classes:
+                    raise CacheError(f"The 'top_k' of the soft-label cache must be <= the teacher's "
+                                     f"{run.num_classes} classes; got {top_k} (use top_k=None to store all logits).")
+                plan = {
+                    "format_version": FORMAT_VERSION, "fingerprint": _as_json_data(fingerprint),
+                    "num_samples": len(dataset), "num_classes": run.num_classes, "views": views, "dtype": dtype,
+                    "top_k": top_k, "shard_size": shard_size, "ids_sha256": ids_sha256(dataset.ids),
+                }
+                return plan, write_shards(work, run, plan, batch_size=batch_size, progress=progress, rank=dist.rank,
+                                          world=dist.world)
+
+        # Under torchrun / accelerate launch each process writes every world-th shard (a teacher
+        # failing on one process's shard stops them all); the main process writes the manifest.
+        plan, shards = dist.together(my_shards)
         shards = sorted((e for mine in dist.gather_object(shards) for e in mine), key=lambda e: e["file"])
-        if dist.is_main:
-            _publish(folder, work, plan, shards, replacing=replacing)
-        dist.barrier()
+        dist.together(lambda: _publish(folder, work, plan, shards, replacing=replacing) if dist.is_main else None)
         return cls.open(folder)
 
     # ------------------------------------------------------------------------------------------

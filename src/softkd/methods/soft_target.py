@@ -37,9 +37,12 @@ class SoftTarget(nn.Module):
         soft_targets = batch.get("soft_targets")
         if teacher_logits is None and soft_targets is None:
             teacher_logits = self.teacher(batch["x"])
-            # On accelerators this check would make the host wait for the device every step; there a
-            # non-finite teacher shows as a non-finite 'kd' term, which the training loop reports.
-            if teacher_logits.device.type == "cpu" and not torch.isfinite(teacher_logits).all():
+            # On accelerators this check would make the host wait for the device every step, and with
+            # several processes only one might stop; there a non-finite teacher shows as a non-finite
+            # 'kd' term, which the training loop reports on every process at the same step.
+            alone = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                         and torch.distributed.get_world_size() > 1)
+            if teacher_logits.device.type == "cpu" and alone and not torch.isfinite(teacher_logits).all():
                 raise InfeasibleSoftTargetsError(
                     "The teacher produced NaN or inf logits on a training batch; check its weights and inputs."
                 )

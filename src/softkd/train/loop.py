@@ -142,7 +142,8 @@ def fit(
     result = FitResult(model=model)
     # Every process must stack the same terms; one process may take them from its first batch.
     keys = getattr(objective, "terms", ("loss",) if dist.world > 1 else None)
-    terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                          processes=dist.world)
     run = _RunState()
     run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
                    precision=precision, processes=dist.world, views=views, monitor=monitor,
@@ -159,9 +160,9 @@ def fit(
             return
         run.totals = terms_log.sums()  # checked first: a checkpoint is only ever written from good weights
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
-        if dist.is_main:
-            save_checkpoint(folder, _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done,
-                                              epoch_start, run_key, rngs), keep_last=keep_last)
+        snapshot = _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
+                             rngs)
+        dist.together(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last) if dist.is_main else None)
 
     def step(group: list[dict], epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch: this process trains on its share of the
@@ -178,7 +179,8 @@ def fit(
                 batch = _augmented(batch, augment, epoch, views)
             with autocast(precision, device):
                 terms = objective(model, batch, **counts)
-            terms_log.check(terms, result.steps + 1)
+            if dist.world == 1:  # several processes check the summed terms below, all stopping together
+                terms_log.check(terms, result.steps + 1)
             scaler.scale(terms["loss"]).backward()
             values = terms_log.stack(terms)
             summed = values if summed is None else summed + values
@@ -187,6 +189,7 @@ def fit(
             dist.sum_gradients_(params)
             mine = summed.double() if summed is not None else torch.zeros(len(keys), dtype=torch.float64, device=device)
             summed = dist.sum_(mine)
+            terms_log.check_sums(summed, result.steps + 1)  # before the optimizer touches the weights
         if clip_grad_norm is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
@@ -249,8 +252,8 @@ def fit(
             if result.best_score is None or score > result.best_score:
                 result.best_score, result.best_epoch, run.stale = score, epoch, 0
                 run.best_state = copy.deepcopy(model.state_dict())
-                if folder is not None and dist.is_main:
-                    save_weights(model, folder / "best.safetensors")
+                if folder is not None:
+                    dist.together(lambda: save_weights(model, folder / "best.safetensors") if dist.is_main else None)
             else:
                 run.stale += 1
         result.history.append(record)

@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from softkd.errors import ConfigError
+from softkd.errors import ConfigError, SoftKDError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -131,6 +131,31 @@ class Distributed:
         for p, g in zip(params, grads):
             p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
             offset += g.numel()
+
+    def together(self, fn):
+        """``fn()`` on this process; if it raises on any process, it raises on every process.
+
+        Work that can fail on one process only (its shard of a cache build, the main process's
+        writes) would otherwise send the others on to their next collective, to die there when the
+        failing process exits (or wait for gloo's 30-minute timeout while it lives on). The failing
+        process raises its own error; the others raise the same
+        SoftKDError class with the same message (other exceptions: a SoftKDError naming them). All
+        are marked ``shared``, so the command line prints the message once, on the main process."""
+        if self.world == 1:
+            return fn()
+        failure, error, result = None, None, None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - relayed to every process, then re-raised
+            error = exc
+            kind = type(exc) if isinstance(exc, SoftKDError) else SoftKDError
+            failure = (kind, str(exc) if isinstance(exc, SoftKDError) else f"{type(exc).__name__}: {exc}")
+        for rank, found in enumerate(self.gather_object(failure)):
+            if found is not None:
+                shared = error if rank == self.rank else found[0](found[1])
+                shared.shared = True
+                raise shared
+        return result
 
     def barrier(self) -> None:
         """Wait until every process gets here (e.g. until the main process has written a file)."""

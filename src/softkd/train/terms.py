@@ -22,9 +22,10 @@ class StepTerms:
 
     CHUNK = 1024  # rows kept before they are checked and folded into the sums
 
-    def __init__(self, keys, device: torch.device, *, folder: Path | None):
+    def __init__(self, keys, device: torch.device, *, folder: Path | None, processes: int = 1):
         self.keys = tuple(keys) if keys else None  # None: the first batch's terms, loss first
         self.device, self.folder, self.deferred = device, folder, defer_checks(device)
+        self.processes = processes
         self.rows: torch.Tensor | None = None
         self.steps: list[int] = []  # the step of each row in use
         self.samples: list[int] = []  # the samples of each row's step: its weight in the sums
@@ -32,7 +33,13 @@ class StepTerms:
 
     def check(self, terms: dict, step: int) -> None:
         if not self.deferred and not torch.isfinite(terms["loss"]):
-            raise TrainingError(self._message({k: float(v.detach()) for k, v in terms.items()}, step))
+            raise self._error({k: float(v.detach()) for k, v in terms.items()}, step)
+
+    def check_sums(self, values: torch.Tensor, step: int) -> None:
+        """Check a step's terms summed over processes (the same on every process, so all stop at
+        the same step); on the CPU only, like :meth:`check`."""
+        if not self.deferred and not torch.isfinite(values[self.keys.index("loss")]):
+            raise self._error(dict(zip(self.keys, values.tolist())), step)
 
     def stack(self, terms: dict) -> torch.Tensor:
         """One micro-batch's terms as one device tensor (one kernel, whatever the number of terms)."""
@@ -79,13 +86,17 @@ class StepTerms:
         rows = self.rows[:len(self.steps)]
         bad = torch.nonzero(~torch.isfinite(rows[:, self.keys.index("loss")])).flatten().tolist()
         if bad:
-            raise TrainingError(self._message(dict(zip(self.keys, rows[bad[0]].tolist())), self.steps[bad[0]]))
+            raise self._error(dict(zip(self.keys, rows[bad[0]].tolist())), self.steps[bad[0]])
 
-    def _message(self, terms: dict[str, float], step: int) -> str:
+    def _error(self, terms: dict[str, float], step: int) -> TrainingError:
         bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)] or ["loss"]
         kept = f" The last good checkpoint is kept in {self.folder}." if self.folder is not None else ""
-        return (f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
-                f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}")
+        error = TrainingError(f"The training loss became non-finite at step {step} (term(s): {', '.join(bad)}); "
+                              f"lower the learning rate or check the inputs and teacher for NaN/inf.{kept}")
+        # With several processes the rows hold the terms summed over all of them: every process
+        # raises this at the same step, and the command line prints it once.
+        error.shared = self.processes > 1
+        return error
 
 
 def defer_checks(device: torch.device) -> bool:
