@@ -59,8 +59,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
         with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
             teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
             teacher = Teacher(teacher)
-            test_batches = build_loader(splits.test, batch_size=inference_batch_size(teacher))
-            teacher_test_logits, test_labels = predict(teacher, test_batches)
+            teacher_test_logits, test_labels = _predict_in_shares(teacher, splits.test, dist)
             transfer_logits = None  # the teacher's pass over the transfer set, shared by every run
             runs = []
             for fraction in config.data.fractions:
@@ -86,7 +85,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                             student = _train_student(kind, config, splits, transfer, teacher, transfer_logits,
                                                      seed, log, checkpoint_dir=resume_from, resume=resume,
                                                      run_key=run_key)
-                            logits, _ = predict(student, test_batches)  # the same on every process
+                            logits, _ = _predict_in_shares(student, splits.test, dist)
                             result = {
                                 "kind": kind, "labeled_fraction": fraction, "seed": seed,
                                 "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
@@ -194,6 +193,19 @@ def _prepare(config: RunConfig, *, load: bool = True):
     if load and config.teacher.checkpoint:
         load_weights(teacher, config.teacher.checkpoint)
     return splits, teacher.to(select_device(config.train.device))
+
+
+def _predict_in_shares(model, data, dist: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
+    """predict() over ``data``, each process taking a contiguous share (a teacher's pass over
+    the test set is the largest fixed cost of a multi-process run); every process gets it all."""
+    share = -(-len(data) // dist.world)
+    start, stop = min(dist.rank * share, len(data)), min((dist.rank + 1) * share, len(data))
+    mine = None
+    if stop > start:
+        part = data if dist.world == 1 else data.subset(torch.arange(start, stop))
+        mine = predict(model, build_loader(part, batch_size=inference_batch_size(model)))
+    parts = [p for p in dist.gather_object(mine) if p is not None]
+    return torch.cat([logits for logits, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
 def _save_student(out: Path, name: str, student, key: str, result: dict, resume_from: Path | None) -> None:
