@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -342,3 +345,36 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path, wide):
         build(tmp_path / str(n), linear, data, dtype="fp16", shard_size=4096, batch_size=512)
         growth[n] = _rss_kib("VmHWM") - before
     assert growth[20_000] < growth[2_000] + 16 * 1024, growth
+
+
+def test_fp16_range_is_checked_on_the_logits_the_cache_stores(tmp_path, wide):
+    # One logit far below fp16's range: a dense fp16 cache would store -inf, so it is refused; a
+    # top-k cache stores only the k largest (the rest go into the float32 tail mass), so it builds.
+    linear, data = wide
+    deep = nn.Linear(8, 1000)
+    with torch.no_grad():
+        deep.weight.copy_(linear.weight)
+        deep.bias.copy_(linear.bias)
+        deep.bias[7] = -1e6
+    with pytest.raises(CacheError, match=r"beyond fp16's ±65504; build the cache with dtype='fp32'"):
+        build(tmp_path / "dense", deep, data, dtype="fp16")
+    assert not (tmp_path / "dense" / "manifest.json").exists()
+    cache = build(tmp_path / "top", deep, data, dtype="fp16", top_k=16)
+    with torch.no_grad():
+        top = deep(data.x).topk(16, dim=-1)
+    rebuilt = cache.logits(torch.arange(len(data)))
+    assert torch.allclose(rebuilt.gather(1, top.indices), top.values, rtol=1e-3, atol=1e-2)  # fp16 rounding
+    assert torch.isfinite(rebuilt).all()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("cache.top_k=11", r"'cache.top_k' must be <= the data's 10 classes; got 11"),
+    ("cache.views=0", r"'cache.views' in .* is invalid"),
+])
+def test_cache_build_refuses_bad_sizes_before_writing(tmp_path, setting, message):
+    (tmp_path / "run.yaml").write_text("data: {name: digits}\nteacher: {model: mlp-8, epochs: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "softkd.cli", "cache", "build", str(tmp_path / "run.yaml"),
+                           "--out", str(tmp_path / "run"), "--set", setting], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -53,8 +53,10 @@ class TeacherRun:
         if not torch.isfinite(logits).all():
             raise CacheError(f"The teacher gave non-finite logits for samples {start}..{stop - 1}; "
                              "fix the teacher or its inputs before caching.")
-        if self.dtype == "fp16" and logits.abs().max() > FP16_MAX:
-            raise CacheError(f"The teacher's logits reach {float(logits.abs().max()):.0f}, beyond fp16's "
+        top_k = self.top_k is not None and self.top_k < logits.shape[-1]  # (too large a k is refused later)
+        stored = logits.topk(self.top_k, dim=-1).values if top_k else logits  # what `dtype` will hold
+        if self.dtype == "fp16" and stored.abs().max() > FP16_MAX:
+            raise CacheError(f"The teacher's logits reach {float(stored.abs().max()):.0f}, beyond fp16's "
                              f"±{FP16_MAX:.0f}; build the cache with dtype='fp32'.")
         return logits
 
