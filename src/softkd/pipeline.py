@@ -92,15 +92,14 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                                 **classification_metrics(logits, test_labels),
                                 **teacher_metrics(logits, teacher_test_logits), "params": count_params(student),
                             }
-                            dist.together(lambda: _save_student(out, name, student, key, result, resume_from)
-                                          if dist.is_main else None)
+                            dist.on_main(lambda: _save_student(out, name, student, key, result, resume_from))
                         else:
                             logger.skip(config.train.epochs, f"{name} (up to date)")
                         runs.append(result)
         teacher_eval = classification_metrics(teacher_test_logits, test_labels)
         report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
         # The run directory is complete before any process returns.
-        dist.together(lambda: write_report(report, out) if dist.is_main else None)
+        dist.on_main(lambda: write_report(report, out))
         return report
 
 
@@ -220,11 +219,10 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     dist = Distributed()
 
     def create() -> None:
-        if dist.is_main:
-            (out / "students").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", dump_config(config))
+        (out / "students").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
 
-    dist.together(create)  # every process reads the folder as the main process left it
+    dist.on_main(create)  # every process reads the folder as the main process left it
     return out
 
 
@@ -267,7 +265,7 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
                                                  "data": config.data.name,
                                                  "test": classification_metrics(logits, labels)})
 
-    dist.together(lambda: save() if dist.is_main else None)
+    dist.on_main(save)
     return key
 
 

@@ -127,7 +127,7 @@ class SoftLabelCache:
         # failing on one process's shard stops them all); the main process writes the manifest.
         plan, shards = dist.together(my_shards)
         shards = sorted((e for mine in dist.gather_object(shards) for e in mine), key=lambda e: e["file"])
-        dist.together(lambda: _publish(folder, work, plan, shards, replacing=replacing) if dist.is_main else None)
+        dist.on_main(lambda: _publish(folder, work, plan, shards, replacing=replacing))
         return cls.open(folder)
 
     # ------------------------------------------------------------------------------------------

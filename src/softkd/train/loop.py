@@ -162,7 +162,7 @@ def fit(
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
         snapshot = _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
                              rngs)
-        dist.together(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last) if dist.is_main else None)
+        dist.on_main(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last))
 
     def step(group: list[dict], epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch: this process trains on its share of the
@@ -253,7 +253,7 @@ def fit(
                 result.best_score, result.best_epoch, run.stale = score, epoch, 0
                 run.best_state = copy.deepcopy(model.state_dict())
                 if folder is not None:
-                    dist.together(lambda: save_weights(model, folder / "best.safetensors") if dist.is_main else None)
+                    dist.on_main(lambda: save_weights(model, folder / "best.safetensors"))
             else:
                 run.stale += 1
         result.history.append(record)

@@ -138,9 +138,9 @@ class Distributed:
         Work that can fail on one process only (its shard of a cache build, the main process's
         writes) would otherwise send the others on to their next collective, to die there when the
         failing process exits (or wait for gloo's 30-minute timeout while it lives on). The failing
-        process raises its own error; the others raise the same
-        SoftKDError class with the same message (other exceptions: a SoftKDError naming them). All
-        are marked ``shared``, so the command line prints the message once, on the main process."""
+        process raises its own error; the others raise the same SoftKDError class with the same
+        message (other exceptions: a SoftKDError naming them). All are marked ``shared``, so the
+        command line prints the message once, on the main process."""
         if self.world == 1:
             return fn()
         failure, error, result = None, None, None
@@ -156,6 +156,11 @@ class Distributed:
                 shared.shared = True
                 raise shared
         return result
+
+    def on_main(self, fn) -> None:
+        """``fn()`` on the main process only (its writes); every process waits for it and raises
+        if it failed (see :meth:`together`)."""
+        self.together(lambda: fn() if self.is_main else None)
 
     def barrier(self) -> None:
         """Wait until every process gets here (e.g. until the main process has written a file)."""
