@@ -5,6 +5,8 @@ losses upcast to float32 before their reductions (softkd.losses)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from contextlib import contextmanager, nullcontext
 
@@ -95,6 +97,19 @@ def inference_batch_size(module: torch.nn.Module) -> int:
     return 128 if device.type == "cpu" else 1024
 
 
+@functools.cache
+def _destroy_at_exit() -> None:
+    """Tear the process group down while Python still runs: left to interpreter shutdown, gloo's
+    destructor sometimes met a live thread and aborted the process ("terminate called without an
+    active exception", SIGABRT) after a run had finished and written everything."""
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 class Distributed:
     """This process's place in a data-parallel run started by ``torchrun`` or ``accelerate
     launch`` (rank 0 of 1 otherwise). Accelerate sets up torch.distributed: gloo on CPU, nccl
@@ -107,6 +122,7 @@ class Distributed:
 
             state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world = state.process_index, state.num_processes
+            _destroy_at_exit()
 
     @property
     def is_main(self) -> bool:
