@@ -146,6 +146,11 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch (null: torch's default). Tiny models run fastest on 1."""
+    cuda_graphs: Literal["auto"] | bool = "auto"
+    """Replay each training step from a CUDA graph, its loss compiled into a few fused kernels:
+    auto where known to be safe (CUDA, one process, no accumulation, fp32/bf16, zoo or plain
+    torch.nn models); true also for other models (their forward must not read values on the
+    host); false never. Changes how fast, not what a student learns."""
     deterministic: bool = False
     """Deterministic algorithms only (cuDNN autotuning off; an op without one stops the run, named):
     GPU runs then repeat bit for bit, somewhat slower. CPU runs repeat bit for bit either way."""

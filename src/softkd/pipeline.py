@@ -250,7 +250,7 @@ def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger
 
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep,
-        log_every=config.train.log_every,
+        log_every=config.train.log_every, cuda_graphs=config.train.cuda_graphs,
         checkpoint_dir=_checkpoints(config, out / "teacher.ckpt", resume), resume=resume,
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
@@ -292,8 +292,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
                   weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
                   lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
-                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, patience=train.patience,
-                  monitor=train.monitor, seed=seed,
+                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, cuda_graphs=train.cuda_graphs,
+                  patience=train.patience, monitor=train.monitor, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
                   log_every=train.log_every, **checkpointing)
     augment = _augment(config)
@@ -326,7 +326,7 @@ def _train_key(config: RunConfig) -> dict:
     """Training settings that change what a student learns (not how often it is checkpointed, nor
     threads or deterministic algorithms, which only change how the arithmetic is scheduled)."""
     return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last",
-                                                         "log_every", "deterministic"})
+                                                         "log_every", "deterministic", "cuda_graphs"})
 
 
 @contextmanager

@@ -16,32 +16,49 @@ from softkd.losses.logits import UNLABELED
 
 class IndexBatches:
     """Shuffled mini-batches of an :class:`ArrayDataset`; the order is drawn from a generator
-    seeded once, so two loaders with the same seed yield the same batches."""
+    seeded once, so two loaders with the same seed yield the same batches.
+
+    With ``lazy`` set, each batch is only ``{"index": positions}`` (on the data's device) and
+    :meth:`gather` makes it whole: a training step replayed from a CUDA graph gathers inside the
+    graph."""
 
     def __init__(self, data: ArrayDataset, *, batch_size: int, shuffle: bool, seed: int = 0,
                  extras: dict[str, torch.Tensor] | None = None):
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.extras = extras or {}
         self.generator = torch.Generator().manual_seed(seed)
+        self.lazy = False
 
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
+    def columns(self) -> dict[str, torch.Tensor]:
+        return {"x": self.data.x, "y": self.data.y, "id": self.data.ids, **self.extras}
+
     def __iter__(self):
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        columns = {"x": self.data.x, "y": self.data.y, "id": self.data.ids, **self.extras}
         # The order is drawn on the CPU (one generator for every device, so runs replay exactly) and
         # copied once per epoch to each device the tensors live on: indexing a GPU tensor with a CPU
         # index would copy the index, and wait for the copy, at every batch.
         splits = {}
-        for values in columns.values():
+        for values in self.columns().values():
             if values.device not in splits:
                 splits[values.device] = order.to(values.device).split(self.batch_size)
         for i in range(len(splits[self.data.x.device])):
-            batch = {key: values[splits[values.device][i]] for key, values in columns.items()}
-            batch["index"] = splits[self.data.x.device][i]
-            yield batch
+            index = {device: split[i] for device, split in splits.items()}
+            yield {"index": index[self.data.x.device]} if self.lazy else self.gather(index)
+
+    def gather(self, index, keys=None) -> dict:
+        """The batch at dataset positions ``index`` (a tensor, or one per device the columns are
+        on): every column, or those of ``keys`` that exist."""
+        columns = self.columns()
+        if keys is not None:
+            columns = {key: columns[key] for key in keys if key in columns}
+        where = index if isinstance(index, dict) else {v.device: index.to(v.device) for v in columns.values()}
+        batch = {key: values[where[values.device]] for key, values in columns.items()}
+        batch["index"] = index[self.data.x.device] if isinstance(index, dict) else index
+        return batch
 
 
 class _Indexed(torch.utils.data.Dataset):

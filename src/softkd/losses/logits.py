@@ -195,6 +195,14 @@ def kd_objective(
     return {"loss": (1 - beta) * ce + beta * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
+def supervised_objective(
+    logits: torch.Tensor, labels: torch.Tensor | None, *, labeled_count: float | torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """CE(s, y) over the labeled samples (the from-scratch baseline's objective): ``{"loss", "ce"}``."""
+    ce = cross_entropy(logits, labels, count=labeled_count)
+    return {"loss": ce, "ce": ce.detach()}
+
+
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor | None,

@@ -7,12 +7,12 @@ from torch import nn
 
 from softkd.errors import InfeasibleSoftTargetsError
 from softkd.losses.logits import check_beta, check_temperature, kd_objective
-from softkd.methods.base import OBJECTIVES
+from softkd.methods.base import OBJECTIVES, GraphSafe
 from softkd.models.teacher import Teacher
 
 
 @OBJECTIVES.register("soft-target", aliases=("soft-td",))
-class SoftTarget(nn.Module):
+class SoftTarget(GraphSafe, nn.Module):
     """(1 − β) · CE(s, y) + β · T² · KL(softmax(t/T) ‖ softmax(s/T)).
 
     Teacher targets come from the batch when precomputed (``teacher_logits``, or validated
@@ -20,6 +20,7 @@ class SoftTarget(nn.Module):
     """
 
     terms = ("loss", "ce", "kd")
+    graph_inputs = ("x", "y", "teacher_logits", "soft_targets")
 
     def __init__(self, *, teacher: nn.Module | None = None, temperature: float = 4.0, beta: float = 0.9):
         super().__init__()
@@ -46,7 +47,7 @@ class SoftTarget(nn.Module):
                 raise InfeasibleSoftTargetsError(
                     "The teacher produced NaN or inf logits on a training batch; check its weights and inputs."
                 )
-        return kd_objective(
-            student_logits, batch["y"], teacher_logits, soft_targets=soft_targets,
+        return self.loss(
+            kd_objective, student_logits, batch["y"], teacher_logits, soft_targets=soft_targets,
             temperature=self.temperature, beta=self.beta, labeled_count=labeled_count, sample_count=sample_count,
         )

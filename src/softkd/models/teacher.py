@@ -14,6 +14,8 @@ class Teacher(nn.Module):
     ``inference_mode``: its outputs become loss targets, which autograd may need to save.
     """
 
+    graph_safe = True  # as safe in a CUDA graph as the module it wraps, which is checked on its own
+
     def __init__(self, module: nn.Module):
         super().__init__()
         if isinstance(module, Teacher):

@@ -76,6 +76,8 @@ def tinycnn(*, input_shape, num_classes, width):
 class _AsImage(nn.Module):
     """Reshapes flat or (H, W) inputs to (N, C, H, W) so conv nets take any image-like data."""
 
+    graph_safe = True  # no host reads, no Python state between steps: CUDA graphs may replay it
+
     def __init__(self, input_shape):
         super().__init__()
         if len(input_shape) == 3:
@@ -110,6 +112,8 @@ def lenet5(*, input_shape, num_classes):
 class BasicBlock(nn.Module):
     """Two 3×3 convs with batch norm and a residual connection (He et al. 2016)."""
 
+    graph_safe = True  # no host reads, no Python state between steps: CUDA graphs may replay it
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
@@ -128,6 +132,8 @@ class BasicBlock(nn.Module):
 
 class PreActBlock(nn.Module):
     """Pre-activation residual block of wide ResNets (Zagoruyko & Komodakis 2016)."""
+
+    graph_safe = True  # no host reads, no Python state between steps: CUDA graphs may replay it
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
@@ -148,6 +154,8 @@ class PreActBlock(nn.Module):
 class ResNet(nn.Module):
     """3×3 stem, then stages of residual blocks (the first of each stage after the first strides
     by 2), global average pooling and a linear classifier. Any input size and channel count."""
+
+    graph_safe = True  # no host reads, no Python state between steps: CUDA graphs may replay it
 
     def __init__(self, input_shape, num_classes, *, stem: int, widths, blocks: int, block=BasicBlock):
         super().__init__()

@@ -22,6 +22,7 @@ from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
 from softkd.models.checkpoint import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
+from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.runtime import Distributed, autocast, grad_scaler
 from softkd.train.terms import StepTerms
@@ -41,6 +42,7 @@ class FitResult:
     best_epoch: int | None = None
     best_score: float | None = None
     stopped_by: str = "epochs"  # "epochs", "max_steps" or "patience"
+    graphed_steps: int = 0  # steps replayed from a CUDA graph (see fit's cuda_graphs)
 
 
 def fit(
@@ -62,6 +64,7 @@ def fit(
     warmup_steps: int = 0,
     clip_grad_norm: float | None = None,
     precision: str = "fp32",
+    cuda_graphs: bool | str = "auto",
     patience: int | None = None,
     monitor: str = "accuracy",
     seed: int = 0,
@@ -96,6 +99,10 @@ def fit(
     counts, so the gradient equals the large batch's (batch-norm statistics aside).
     ``lr_schedule``: constant, cosine, onecycle or step, per step, after ``warmup_steps`` of
     linear warm-up. ``precision``: fp32, or bf16 / fp16 autocast (fp16 with loss scaling).
+    ``cuda_graphs``: "auto" replays steps from a CUDA graph, with a compiled loss, where that is
+    known to be safe (CUDA, one process, one micro-batch per step, fp32 or bf16, a built-in
+    objective, zoo or plain ``torch.nn`` models; :func:`softkd.train.graphs.graph_inputs`);
+    True also for other models, whose forward must not read values on the host; False never.
 
     With ``checkpoint_dir``, full state is saved every ``checkpoint_every`` steps and at each
     epoch's end (the last ``keep_last`` kept, plus ``best.safetensors``); ``resume`` continues
@@ -164,9 +171,51 @@ def fit(
                              rngs)
         dist.on_main(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last))
 
+    def forward_backward(batch: dict, counts: dict, *, cache: bool = True) -> torch.Tensor:
+        """One micro-batch's loss and gradients; returns its terms as one device tensor."""
+        with autocast(precision, device, cache=cache):
+            terms = objective(model, batch, **counts)
+        if dist.world == 1:  # several processes check the summed terms in step(), all stopping together
+            terms_log.check(terms, result.steps + 1)
+        scaler.scale(terms["loss"]).backward()
+        return terms_log.stack(terms)
+
+    def update() -> None:
+        if clip_grad_norm is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        scaler.step(opt)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
+
+    def prepare(batch: dict, epoch: int) -> dict:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return _augmented(batch, augment, epoch, views) if augment is not None else batch
+
+    def one_step(batch: dict) -> torch.Tensor:  # what a CUDA graph records
+        opt.zero_grad(set_to_none=True)
+        values = forward_backward(batch, {}, cache=False)
+        update()
+        return values
+
+    graphed, feed = graphed_step(objective, model, micro_batches, one_step, opt, prepare,
+                                 augmented=augment is not None, mode=cuda_graphs, device=device,
+                                 processes=dist.world, accumulate=accumulate, precision=precision)
+
+    # The batch size the graph is recorded for: every batch's but an epoch's last.
+    graph_size = batch_size if len(micro_batches) > 1 else None
+
     def step(group: list[dict], epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch: this process trains on its share of the
         micro-batches, each normalised by the whole batch's counts, and gradients are summed."""
+        nonlocal graph_size
+        if graphed is not None and len(group) == 1:
+            graph_size = graph_size or _samples(group[0])
+            summed = graphed(feed(group[0], epoch)) if _samples(group[0]) == graph_size else None
+            if summed is not None:
+                scheduler.step()
+                return summed
+        if getattr(micro_batches, "lazy", False):
+            group = [micro_batches.gather(b["index"]) for b in group]
         opt.zero_grad(set_to_none=True)
         counts = {}
         if len(group) > 1 or dist.world > 1:  # normalise every micro-batch by the whole batch's counts
@@ -174,15 +223,7 @@ def fit(
                       "sample_count": sum(b["x"].shape[0] for b in group)}
         summed = None  # this step's terms on the device (in terms_log's order): reading them would wait for it
         for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if augment is not None:
-                batch = _augmented(batch, augment, epoch, views)
-            with autocast(precision, device):
-                terms = objective(model, batch, **counts)
-            if dist.world == 1:  # several processes check the summed terms below, all stopping together
-                terms_log.check(terms, result.steps + 1)
-            scaler.scale(terms["loss"]).backward()
-            values = terms_log.stack(terms)
+            values = forward_backward(prepare(batch, epoch), counts)
             summed = values if summed is None else summed + values
         if dist.world > 1:
             scaler.unscale_(opt)
@@ -190,11 +231,7 @@ def fit(
             mine = summed.double() if summed is not None else torch.zeros(len(keys), dtype=torch.float64, device=device)
             summed = dist.sum_(mine)
             terms_log.check_sums(summed, result.steps + 1)  # before the optimizer touches the weights
-        if clip_grad_norm is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        scaler.step(opt)  # skipped (and the scale lowered) when fp16 gradients overflowed
-        scaler.update()
+        update()
         scheduler.step()
         dist.sync_module_(model)  # batch-norm statistics: rank 0's, as DDP does
         return summed
@@ -216,7 +253,7 @@ def fit(
             group.append(batch)
             if len(group) < group_size and position < len(micro_batches):
                 continue
-            n = sum(b["x"].shape[0] for b in group)
+            n = sum(_samples(b) for b in group)
             terms_log.add(step(group, epoch), step=result.steps + 1, samples=n)
             run.seen += n
             group = []
@@ -242,6 +279,8 @@ def fit(
         record = {"epoch": epoch, "step": result.steps,
                   **{f"train_{k}": v / max(run.seen, 1) for k, v in totals.items()},
                   "epoch_s": seconds, "images_per_s": run.seen / max(seconds, 1e-9)}
+        if graphed is not None:  # on CUDA: how many steps so far were replayed from the graph
+            record["graphed_steps"] = graphed.replays
         terms_log.reset()
         run.totals, run.seen = {}, 0
         if val_batches is not None:
@@ -266,10 +305,15 @@ def fit(
         if result.stopped_by != "epochs":
             break
     opt.zero_grad(set_to_none=True)
+    result.graphed_steps = graphed.replays if graphed is not None else 0
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     model.eval()
     return result
+
+
+def _samples(batch: dict) -> int:
+    return batch["x"].shape[0] if "x" in batch else len(batch["index"])
 
 
 def _augmented(batch: dict, augment, epoch: int, views: int | None) -> dict:

@@ -29,13 +29,13 @@ def build_optimizer(params, *, name: str = "adamw", lr: float = 2e-3, weight_dec
     if not lr > 0:
         raise ConfigError(f"The 'lr' of train must be > 0; got {lr}.")
     groups = param_groups(params, weight_decay)
+    # On GPUs the fused kernels update every parameter in one launch (small students are
+    # launch-bound there) and can be replayed from CUDA graphs. Elsewhere PyTorch's defaults.
+    fused = True if all(p.is_cuda for group in groups for p in group["params"]) else None
     if name == "adamw":
-        # On GPUs the fused kernel updates every parameter in one launch; small students are
-        # launch-bound there. Elsewhere PyTorch's default implementation.
-        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-        return torch.optim.AdamW(groups, lr=lr, fused=True if on_cuda else None)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
     raise ConfigError(f"Unknown optimizer '{name}'; use one of {', '.join(OPTIMIZERS)}.")
 
 

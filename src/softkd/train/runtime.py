@@ -76,12 +76,14 @@ def deterministic_algorithms(enabled: bool = True):
         cudnn.benchmark, cudnn.deterministic = before[1], before[2]
 
 
-def autocast(precision: str, device: torch.device):
-    """The context a forward pass runs in for ``precision``."""
+def autocast(precision: str, device: torch.device, *, cache: bool = True):
+    """The context a forward pass runs in for ``precision``. ``cache=False`` for steps captured in
+    CUDA graphs, as PyTorch's notes on graphs and autocast ask."""
     if precision not in PRECISIONS:
         raise ConfigError(f"Unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
     dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype,
+                                                              cache_enabled=cache)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
