@@ -251,3 +251,31 @@ def test_deterministic_graphed_runs_repeat_bit_for_bit(digit_splits):
     assert results[0].history[-1]["graphed_steps"] == results[0].graphed_steps
     for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_graphed_step_refuses_inputs_of_other_shapes():
+    # GraphedStep on its own: inputs unlike the recorded ones are not copied in (a copy could
+    # broadcast them silently); the caller runs that step eagerly, and later replays go on.
+    from softkd.train.graphs import WARMUP_STEPS, GraphedStep
+
+    def run(graphed: bool) -> list:
+        weight = torch.nn.Parameter(torch.ones(4, device="cuda"))
+        optimizer = torch.optim.SGD([weight], lr=0.1, fused=True)
+
+        def step(inputs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = (weight[: inputs["x"].shape[0]] * inputs["x"]).square().sum()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        graph, losses = GraphedStep(step, optimizer), []
+        for i in range(WARMUP_STEPS + 4):
+            x = torch.full((4 if i != WARMUP_STEPS + 2 else 1,), 0.1 * (i + 1), device="cuda")
+            out = graph({"x": x}) if graphed else None
+            losses.append(float(out if out is not None else step({"x": x})))
+        return losses + weight.tolist() + [graph.replays]
+
+    eager, graphed = run(False), run(True)
+    assert graphed[-1] == 3 and eager[-1] == 0  # recorded at step 4; step 6 (another shape) ran eagerly
+    assert graphed[:-1] == pytest.approx(eager[:-1], rel=1e-6)

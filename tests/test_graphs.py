@@ -61,7 +61,7 @@ def test_steps_are_recorded_only_where_it_is_known_to_be_safe(change, expected):
 
 
 def test_an_unknown_cuda_graphs_setting_is_refused(digit_splits):
-    with pytest.raises(ConfigError, match=r"'cuda_graphs' must be \"auto\", true or false; got 'yes'"):
+    with pytest.raises(ConfigError, match=r"The 'cuda_graphs' of train must be \"auto\", true or false; got 'yes'"):
         softkd.fit(build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10), digit_splits.train, epochs=1,
                    cuda_graphs="yes")
 

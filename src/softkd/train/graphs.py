@@ -41,7 +41,7 @@ def graph_inputs(objective, model: torch.nn.Module, *, mode: bool | str, device:
     change Python state between steps (a replay repeats what was recorded). ``False``: never.
     """
     if mode not in ("auto", True, False):
-        raise ConfigError(f"'cuda_graphs' must be \"auto\", true or false; got {mode!r}.")
+        raise ConfigError(f"The 'cuda_graphs' of train must be \"auto\", true or false; got {mode!r}.")
     if mode is False:
         return None
     if device.type != "cuda" or processes > 1 or accumulate > 1 or precision == "fp16":
@@ -96,7 +96,8 @@ class GraphedStep:
 
     The first :data:`WARMUP_STEPS` calls run ``step`` eagerly on a side stream; the next one
     records it, with ``inputs`` copied into the graph's own tensors, and every call after that
-    copies its inputs there and replays. All calls must give inputs of the same shapes. The
+    copies its inputs there and replays. Inputs of other shapes or dtypes than the recorded ones
+    are refused (None: the caller runs that step eagerly). The
     learning rate is read from device tensors that are refreshed from the optimizer's
     ``param_groups`` before each replay, so schedules keep working. ``fusing`` is entered around
     the eager and recorded calls (the objective's compiled loss).
@@ -115,10 +116,11 @@ class GraphedStep:
         self.kept: list = []  # tensors the graph writes (gradients): kept alive with it
         self.failed = False
         self.replays = 0
+        self.signature: dict | None = None  # the recorded inputs' shapes and dtypes
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The step's terms; None when it could not be recorded (the caller runs it eagerly)."""
-        if self.failed:
+        """The step's terms; None when it cannot be replayed (the caller runs it eagerly)."""
+        if self.failed or (self.graph is not None and _signature(inputs) != self.signature):
             return None
         if self.graph is None and self.warm_steps < WARMUP_STEPS:
             return self._eager(inputs)
@@ -153,6 +155,7 @@ class GraphedStep:
         when recording fails (the forward read a value on the host) the step can still run eagerly,
         as every later one will, after a warning."""
         self.inputs = {name: value.clone() for name, value in inputs.items()}
+        self.signature = _signature(inputs)
         groups = self.optimizer.param_groups
         device = next(iter(self.inputs.values())).device
         self.lr_values = [group["lr"] for group in groups]
@@ -186,3 +189,7 @@ class GraphedStep:
         self.kept = [p.grad for group in groups for p in group["params"]]
         self.graph = graph
         return True
+
+
+def _signature(inputs: dict[str, torch.Tensor]) -> dict:
+    return {name: (value.shape, value.dtype, value.device) for name, value in inputs.items()}
