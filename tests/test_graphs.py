@@ -69,7 +69,19 @@ def test_an_unknown_cuda_graphs_setting_is_refused(digit_splits):
 def test_zoo_models_and_torch_layers_are_known_safe():
     for name in ("mlp-16", "hinton-mlp-16", "tinycnn-4", "lenet5", "resnet-8", "resnet8x4", "wrn-16-2"):
         assert known_safe(build_model(name, input_shape=(1, 28, 28), num_classes=10)), name
+    assert known_safe(Supervised()) and known_safe(SoftTarget())
     assert not known_safe(nn.Sequential(nn.Flatten(), _UserNet()))
+
+    class MySoftTarget(SoftTarget):  # its forward may do anything: not assumed safe
+        def forward(self, model, batch, **counts):
+            return super().forward(model, batch, **counts)
+
+    assert not known_safe(MySoftTarget())
+
+    class Declared(_UserNet):
+        graph_safe = True
+
+    assert known_safe(Declared())
 
 
 @pytest.mark.parametrize("objective", ["kd", "supervised"])

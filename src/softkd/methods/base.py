@@ -23,10 +23,11 @@ class GraphSafe:
     reads, then a pure loss function of tensors through :meth:`loss`: no reads on the host, no
     Python state that changes between steps. Inside :meth:`fusing` that loss runs compiled
     (:func:`softkd.losses.fused.fused`), which the training loop turns on for captured steps only.
+    A class that is safe says so with ``graph_safe = True`` in its own body (a subclass that
+    changes the forward is not assumed safe; see :func:`softkd.train.graphs.known_safe`).
     """
 
     graph_inputs: tuple[str, ...] = ()
-    graph_safe = True  # its own code; a teacher it holds is checked on its own
     _fusing = False
 
     def loss(self, fn: Callable, *args, **kwargs):

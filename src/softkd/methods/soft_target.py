@@ -21,6 +21,7 @@ class SoftTarget(GraphSafe, nn.Module):
 
     terms = ("loss", "ce", "kd")
     graph_inputs = ("x", "y", "teacher_logits", "soft_targets")
+    graph_safe = True  # a teacher it holds is checked on its own
 
     def __init__(self, *, teacher: nn.Module | None = None, temperature: float = 4.0, beta: float = 0.9):
         super().__init__()

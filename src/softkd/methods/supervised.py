@@ -15,6 +15,7 @@ class Supervised(GraphSafe, nn.Module):
 
     terms = ("loss", "ce")
     graph_inputs = ("x", "y")
+    graph_safe = True
 
     def forward(self, model: nn.Module, batch: dict, *, labeled_count=None, sample_count=None) -> dict[str, torch.Tensor]:
         return self.loss(supervised_objective, model(batch["x"]), batch["y"], labeled_count=labeled_count)

@@ -56,8 +56,9 @@ def graph_inputs(objective, model: torch.nn.Module, *, mode: bool | str, device:
 
 
 def known_safe(module: torch.nn.Module) -> bool:
-    """Every submodule is one of ``torch.nn``'s own layers or declares ``graph_safe``."""
-    return all(type(m).__module__.startswith("torch.nn.") or getattr(type(m), "graph_safe", False)
+    """Every submodule is one of ``torch.nn``'s own layers or of a class that declares
+    ``graph_safe = True`` in its own body: a subclass may change what its parent's forward did."""
+    return all(type(m).__module__.startswith("torch.nn.") or vars(type(m)).get("graph_safe", False)
                for m in module.modules())
 
 
