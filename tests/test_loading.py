@@ -299,3 +299,14 @@ def test_pickled_objects_are_refused(user_nets):
     torch.save(_user_pair(0), whole)  # a pickled module, not a state dict
     with pytest.raises(DataError, match="Cannot read checkpoint"):
         load_weights(_user_pair(1), whole)
+
+
+def test_wrapped_errors_keep_one_line_even_when_the_original_has_none(tmp_path):
+    from softkd.errors import first_line
+
+    assert first_line(RuntimeError("header\nstack of details")) == "header"
+    assert first_line(RuntimeError("")) == "RuntimeError"  # str(exc).splitlines()[0] raised IndexError here
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"")
+    with pytest.raises(DataError, match="Cannot read checkpoint"):
+        load_weights(nn.Linear(2, 2), bad)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from softkd.errors import DataError, SoftKDError
+from softkd.errors import DataError, SoftKDError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="softkd: knowledge distillation with honest baselines.")
@@ -187,7 +187,7 @@ def _load_array(path: Path):
                     raise DataError(f"'{path}' holds arrays {keys}; name the soft labels 'soft_targets'.")
                 value = value[key]
     except (ValueError, OSError, RuntimeError, EOFError) as exc:
-        raise DataError(f"Cannot read '{path}': {str(exc).splitlines()[0]}") from None
+        raise DataError(f"Cannot read '{path}': {first_line(exc)}") from None
     if isinstance(value, dict) or not hasattr(value, "shape"):
         raise DataError(f"'{path}' must hold one (N, C) array of soft labels; got {type(value).__name__}.")
     return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value

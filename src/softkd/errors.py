@@ -32,3 +32,10 @@ class UnknownNameError(SoftKDError):
 
 class TrainingError(SoftKDError):
     """Training cannot go on (a NaN or inf loss, for example)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for
+    one-line errors that wrap another library's."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from softkd.errors import SoftKDError
+from softkd.errors import SoftKDError, first_line
 
 _FUSED: dict[Callable, "_Fused"] = {}
 
@@ -40,6 +40,6 @@ class _Fused:
             except Exception as error:  # noqa: BLE001 - no compiler, or an op it cannot compile
                 self.compiled = None
                 warnings.warn(f"softkd could not compile {self.fn.__name__} ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); it runs uncompiled.",
+                              f"{first_line(error)}); it runs uncompiled.",
                               RuntimeWarning, stacklevel=2)
         return self.fn(*args, **kwargs)

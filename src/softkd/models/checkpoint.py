@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from softkd.errors import DataError, ShapeMismatchError
+from softkd.errors import DataError, ShapeMismatchError, first_line
 from softkd.utils import atomic_write_bytes
 
 
@@ -24,7 +24,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
     except Exception as exc:  # corrupt or pickled-object files
-        raise DataError(f"Cannot read checkpoint '{path}': {str(exc).splitlines()[0]}") from None
+        raise DataError(f"Cannot read checkpoint '{path}': {first_line(exc)}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -17,7 +17,7 @@ import inspect
 import torch
 from torch import nn
 
-from softkd.errors import ShapeMismatchError, SoftKDError
+from softkd.errors import ShapeMismatchError, SoftKDError, first_line
 from softkd.models.zoo import build_model
 
 _VISION_HINT = 'pip install "softkd[vision]"'
@@ -75,7 +75,7 @@ def check_num_classes(model: nn.Module, *, input_shape: tuple[int, ...], num_cla
     except RuntimeError as exc:
         raise ShapeMismatchError(
             f"The {role} ({type(model).__name__}) cannot take inputs of shape {tuple(input_shape)}: "
-            f"{_first_line(exc)}; check the data's input shape or the model's input layer."
+            f"{first_line(exc)}; check the data's input shape or the model's input layer."
         ) from None
     finally:
         for module, mode in modes:
@@ -102,7 +102,7 @@ def _from_import_string(spec, *, input_shape, num_classes, kwargs):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"Cannot import module '{module_name}' for model '{spec}': {_first_line(exc)}; "
+        raise ModelError(f"Cannot import module '{module_name}' for model '{spec}': {first_line(exc)}; "
                          "check the spelling and that it is on PYTHONPATH or installed.") from None
     factory, owner = module, module_name
     for part in attr_path.split("."):
@@ -119,7 +119,7 @@ def _from_import_string(spec, *, input_shape, num_classes, kwargs):
     try:
         return factory(**call_kwargs)
     except TypeError as exc:  # also catches TypeErrors raised inside the factory, hence the quoted cause
-        raise ModelError(f"Calling '{spec}' with kwargs {call_kwargs} failed: {_first_line(exc)}; "
+        raise ModelError(f"Calling '{spec}' with kwargs {call_kwargs} failed: {first_line(exc)}; "
                          f"fix the kwargs to match its signature{_signature(factory)}.") from exc
 
 
@@ -148,7 +148,7 @@ def _from_torchvision(spec, name, *, num_classes, kwargs):
     try:
         return torchvision.models.get_model(name, **call_kwargs)
     except (ValueError, TypeError) as exc:  # unknown name, or kwargs the builder does not take
-        raise ModelError(f"torchvision cannot build '{name}' with kwargs {call_kwargs}: {_first_line(exc)}; "
+        raise ModelError(f"torchvision cannot build '{name}' with kwargs {call_kwargs}: {first_line(exc)}; "
                          "see torchvision.models.list_models().") from exc
 
 
@@ -159,7 +159,7 @@ def _from_timm(spec, name, *, input_shape, num_classes, kwargs):
     try:
         return timm.create_model(name, **call_kwargs)
     except (RuntimeError, TypeError) as exc:  # timm raises RuntimeError for an unknown name
-        raise ModelError(f"timm cannot build '{name}' with kwargs {call_kwargs}: {_first_line(exc)}; "
+        raise ModelError(f"timm cannot build '{name}' with kwargs {call_kwargs}: {first_line(exc)}; "
                          "see timm.list_models().") from exc
 
 
@@ -170,7 +170,7 @@ def _import_optional(name, spec):
         if isinstance(exc, ModuleNotFoundError) and exc.name == name:
             raise ModelError(f"Model '{spec}' needs {name}, which is not installed; {_VISION_HINT}.") from None
         raise ModelError(f"Model '{spec}' needs {name}, which is installed but fails to import: "
-                         f"{_first_line(exc)}; reinstall a {name} built for torch {torch.__version__}.") from None
+                         f"{first_line(exc)}; reinstall a {name} built for torch {torch.__version__}.") from None
 
 
 def _logits(out):
@@ -184,8 +184,3 @@ def _logits(out):
     if isinstance(out, (tuple, list)) and out:
         return _logits(out[0])
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

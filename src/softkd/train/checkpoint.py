@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softkd.errors import ConfigError, DataError
+from softkd.errors import ConfigError, DataError, first_line
 from softkd.utils import atomic_write_bytes
 
 _NAME = re.compile(r"ckpt-(\d+)\.pt")
@@ -68,7 +68,7 @@ def load_latest(folder: Path, *, run_key: dict) -> dict | None:
     try:
         state = torch.load(found[-1], weights_only=True)
     except Exception as exc:  # truncated by a crash outside the atomic rename, or not ours
-        raise DataError(f"Cannot read checkpoint '{found[-1]}': {str(exc).splitlines()[0]}; "
+        raise DataError(f"Cannot read checkpoint '{found[-1]}': {first_line(exc)}; "
                         "delete it to resume from the one before.") from None
     differing = diff_keys(state.get("run_key", {}), run_key)
     if differing:

@@ -7,7 +7,7 @@ from torch import nn
 
 from softkd.data.datasets import ArrayDataset
 from softkd.data.loader import build_loader
-from softkd.errors import DataError, ShapeMismatchError
+from softkd.errors import DataError, ShapeMismatchError, first_line
 from softkd.losses.logits import UNLABELED
 
 
@@ -46,7 +46,7 @@ def num_outputs(model: nn.Module, data) -> int:
         out = model(x[:2].to(next(model.parameters()).device))
     except RuntimeError as exc:
         raise ShapeMismatchError(
-            f"{type(model).__name__} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}"
+            f"{type(model).__name__} cannot take inputs of shape {tuple(x.shape[1:])}: {first_line(exc)}"
         ) from None
     finally:
         model.train(was_training)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from softkd.data.loader import IndexBatches
-from softkd.errors import ConfigError, SoftKDError
+from softkd.errors import ConfigError, SoftKDError, first_line
 
 WARMUP_STEPS = 3
 """Eager steps on a side stream before the capture: CUDA graphs need libraries initialised, the
@@ -129,10 +129,10 @@ class GraphedStep:
             return None
         for name, value in inputs.items():
             self.inputs[name].copy_(value)
-        for tensor, group, value in zip(self.lr, self.optimizer.param_groups, self.lr_values):
-            if group["lr"] != value:
-                tensor.fill_(group["lr"])
-        self.lr_values = [group["lr"] for group in self.optimizer.param_groups]
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group["lr"] != self.lr_values[i]:  # a schedule moved it: one fill, no wait
+                self.lr[i].fill_(group["lr"])
+                self.lr_values[i] = group["lr"]
         self.graph.replay()
         self.replays += 1
         return self.output
@@ -176,7 +176,7 @@ class GraphedStep:
             self.failed = True
             self.inputs, self.output = {}, None
             warnings.warn(f"softkd could not record the training step in a CUDA graph ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); every step runs eagerly. "
+                          f"{first_line(error)}); every step runs eagerly. "
                           "Set train.cuda_graphs to false to skip the attempt.", RuntimeWarning, stacklevel=2)
             return False
         finally:

@@ -201,16 +201,12 @@ def fit(
                                  augmented=augment is not None, mode=cuda_graphs, device=device,
                                  processes=dist.world, accumulate=accumulate, precision=precision)
 
-    # The batch size the graph is recorded for: every batch's but an epoch's last.
-    graph_size = batch_size if len(micro_batches) > 1 else None
-
     def step(group: list[dict], epoch: int) -> torch.Tensor:
         """One optimizer step on a global batch: this process trains on its share of the
         micro-batches, each normalised by the whole batch's counts, and gradients are summed."""
-        nonlocal graph_size
-        if graphed is not None and len(group) == 1:
-            graph_size = graph_size or _samples(group[0])
-            summed = graphed(feed(group[0], epoch)) if _samples(group[0]) == graph_size else None
+        # The graph is recorded on a full batch (an epoch's short last one runs eagerly).
+        if graphed is not None and (len(micro_batches) == 1 or _samples(group[0]) == batch_size):
+            summed = graphed(feed(group[0], epoch))
             if summed is not None:
                 scheduler.step()
                 return summed
