@@ -1,10 +1,13 @@
 """Data parallelism over torch.distributed (gloo on CPU): 2 processes train like 1 on the same
 global batch. Runs real processes through torchrun."""
 
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +33,7 @@ records = []
 softkd.fit(student, softkd.ArrayDataset(x, y), objective=SoftTarget(teacher=teacher, temperature=3.0, beta=0.6),
            val_data=splits.val, batch_size=128, accumulate=accumulate, max_steps=max_steps, epochs=2,
            optimizer=optimizer, lr=0.05, momentum=0.0, weight_decay=1e-2, log=records.append)
-from softkd.train.runtime import Distributed
+from softkd.train.distributed import Distributed
 rank = int(os.environ.get("RANK", "0"))
 assert Distributed().rank == rank and Distributed().world == int(os.environ.get("WORLD_SIZE", "1"))
 if rank == 0:
@@ -43,16 +46,7 @@ def _train(folder, *, processes, accumulate=1, optimizer="sgd", max_steps=1):
     folder.mkdir()
     script = folder / "train.py"
     script.write_text(SCRIPT)
-    args = [str(folder), str(accumulate), optimizer, str(max_steps)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if processes == 1:
-        command = [sys.executable, str(script), *args]
-        env.pop("WORLD_SIZE", None)
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   str(script), *args]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch([str(script), str(folder), str(accumulate), optimizer, str(max_steps)], processes=processes, cwd=folder)
     return load_file(folder / "weights.safetensors")
 
 
@@ -70,10 +64,45 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, accumul
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
 
 
-def _launch(args, *, processes, cwd, wait=True, timeout=600):
-    """``python -m softkd.cli ARGS`` (or a script) on ``processes`` torchrun processes."""
+# Every multi-process job runs under this probe. Registered before softkd is imported, its atexit
+# hook runs after softkd's teardown, while the interpreter still runs; it records the threads
+# left. Gloo's worker threads alive then are what aborted finished runs ("terminate called
+# without an active exception", SIGABRT): they released their last work during interpreter
+# finalization (softkd.train.distributed).
+EXIT_PROBE = r"""
+import atexit, json, os, runpy, sys
+
+
+def record():
+    tasks = f"/proc/{os.getpid()}/task"
+    names = sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+    with open(os.path.join(os.environ["EXIT_PROBE_DIR"], f"exit-{os.environ['RANK']}.json"), "w") as f:
+        json.dump(names, f)
+
+
+atexit.register(record)
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def _launch(args, *, processes, cwd, wait=True, timeout=600, exit_code=0):
+    """``python -m softkd.cli ARGS`` (or a script) on ``processes`` torchrun processes. A finished
+    run must exit with ``exit_code`` and, on each process that exited by itself, leave no gloo
+    thread alive when the interpreter begins to finalize. No process may abort (-6)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
+    probes = Path(cwd) / f"exit-probe-{next(_LAUNCHES)}"
+    if processes > 1 and wait:
+        probes.mkdir()
+        (probes / "probe.py").write_text(EXIT_PROBE)
+        args = [str(probes / "probe.py"), *args]
+        env["EXIT_PROBE_DIR"] = str(probes)
     head = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = head + args
@@ -81,8 +110,29 @@ def _launch(args, *, processes, cwd, wait=True, timeout=600):
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if processes == 1:
+        assert proc.returncode == exit_code, proc.stderr[-3000:]
+        return proc
+    # torchrun exits 0 only when every process did. Otherwise it lists the failed processes with
+    # their exit codes, the first to exit as the root cause, and it SIGTERMs (-15) those still
+    # running then: with a shared error every process stops at once, and one that is still
+    # printing or exiting may be among them. No process may abort with SIGABRT (-6).
+    codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)]
+    if exit_code == 0:
+        assert proc.returncode == 0 and not codes, proc.stderr[-3000:]
+    else:
+        root = re.search(r"Root Cause.*?exitcode\s*: (-?\d+)", proc.stderr, re.S)
+        assert proc.returncode != 0 and root and int(root.group(1)) == exit_code, proc.stderr[-3000:]
+        assert set(codes) <= {exit_code, -15}, proc.stderr[-3000:]
+    exited = [rank for rank in range(processes) if (probes / f"exit-{rank}.json").exists()]
+    assert len(exited) == processes or exit_code != 0, proc.stderr[-3000:]
+    for rank in exited:
+        left = json.loads((probes / f"exit-{rank}.json").read_text())
+        assert not [name for name in left if name in GLOO_THREADS], f"process {rank} at exit: {left}"
     return proc
+
+
+_LAUNCHES = itertools.count()
 
 
 RUN_CONFIG = """
@@ -145,7 +195,7 @@ import sys, time, torch, softkd
 from softkd.data.datasets import digits
 from softkd.models import build_model
 from softkd.models.checkpoint import save_weights
-from softkd.train.runtime import Distributed
+from softkd.train.distributed import Distributed
 torch.set_num_threads(1)
 out, resume, slow = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
 splits = digits()
@@ -283,3 +333,47 @@ def test_an_error_on_one_process_stops_every_process_with_the_same_message(tmp_p
         assert saved == ["ckpt-00000003.pt"]
         state = torch.load(tmp_path / "ckpt" / saved[0], weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+OWN_GROUP_SCRIPT = r"""
+import atexit, json, os, sys, torch
+
+
+def after_softkd():  # registered first, so it runs after softkd's own exit hook
+    json.dump({"alive_after_softkd_exit_hook": torch.distributed.is_initialized()}, open(sys.argv[1], "w"))
+    torch.distributed.destroy_process_group()
+
+
+atexit.register(after_softkd)
+import softkd
+from softkd.data.datasets import digits
+from softkd.models import build_model
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")   # the script's own group: softkd uses it, and leaves it
+group = torch.distributed.group.WORLD
+splits = digits()
+torch.manual_seed(0)
+teacher = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
+softkd.fit(teacher, splits.train, epochs=1, batch_size=64)
+student = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)
+softkd.distill(student, teacher, splits.train, epochs=1, batch_size=64)
+assert torch.distributed.group.WORLD is group
+del group  # the script's last reference: destroy_process_group() then frees the group
+"""
+
+
+def test_a_process_group_the_script_created_is_used_and_left_to_it(tmp_path):
+    (tmp_path / "own.py").write_text(OWN_GROUP_SCRIPT)
+    _launch([str(tmp_path / "own.py"), str(tmp_path / "state.json")], processes=2, cwd=tmp_path, timeout=180)
+    assert json.loads((tmp_path / "state.json").read_text()) == {"alive_after_softkd_exit_hook": True}
+
+
+def test_softkd_teacher_under_torchrun_stopped_by_a_bad_value_exits_2_with_one_line(tmp_path):
+    # A learning rate that makes the loss non-finite: every process stops at the same step, the
+    # main process prints one line, and the processes exit with 2 (not -6 after the message).
+    (tmp_path / "run.yaml").write_text(RUN_CONFIG)
+    proc = _launch(["-m", "softkd.cli", "teacher", "run.yaml", "--out", "t", "--set", "teacher.lr=1e30"],
+                   processes=2, cwd=tmp_path, exit_code=2, timeout=180)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "The training loss became non-finite at step" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "t" / "teacher.safetensors").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional
@@ -118,7 +119,7 @@ def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> Non
     a fresh folder beside it (``demo``)."""
     from softkd.pipeline import run_experiment
     from softkd.report.summary import table_rows
-    from softkd.train.runtime import Distributed
+    from softkd.train.distributed import Distributed
     from softkd.utils import fresh_dir
 
     if not reuse:  # every process of a data-parallel run must use the main process's choice
@@ -304,7 +305,13 @@ def _print_cache_info(info: dict) -> None:
 def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate launch the main process reports
         console.quiet = True
-    app()
+    try:
+        app()
+    finally:
+        # The process group the command started goes before the interpreter does (see
+        # softkd.train.distributed); without one, nothing to do and torch is not imported.
+        if "softkd.train.distributed" in sys.modules:
+            sys.modules["softkd.train.distributed"].shutdown()
 
 
 if __name__ == "__main__":

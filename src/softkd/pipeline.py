@@ -32,8 +32,8 @@ from softkd.report.run_log import RunLog, summary_writer
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
-from softkd.train.runtime import (Distributed, deterministic_algorithms, inference_batch_size, resident,
-                                  select_device)
+from softkd.train.distributed import Distributed
+from softkd.train.runtime import deterministic_algorithms, inference_batch_size, resident, select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:

@@ -56,7 +56,7 @@ from softkd.cache.format import (
     sample_dtype,
 )
 from softkd.data.datasets import ArrayDataset
-from softkd.train.runtime import Distributed
+from softkd.train.distributed import Distributed
 from softkd.utils import atomic_write_text, sha256_file
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from softkd.errors import ConfigError
-from softkd.train.runtime import Distributed
+from softkd.train.distributed import Distributed
 
 
 def summary_writer():

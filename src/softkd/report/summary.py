@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from softkd.train.runtime import Distributed, describe_device, select_device
+from softkd.train.distributed import Distributed
+from softkd.train.runtime import describe_device, select_device
 from softkd.utils import atomic_write_text
 
 

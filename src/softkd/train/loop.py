@@ -24,7 +24,8 @@ from softkd.models.checkpoint import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from softkd.train.runtime import Distributed, autocast, grad_scaler
+from softkd.train.distributed import Distributed
+from softkd.train.runtime import autocast, grad_scaler
 from softkd.train.terms import StepTerms
 
 

@@ -1,0 +1,158 @@
+"""Processes of a data-parallel run (torchrun / accelerate launch): who this process is, the
+collectives softkd uses, and the process group's shutdown.
+
+Why shutdown is done here, and in this order. Gloo runs every collective on a worker thread of
+its own (``pt_gloo_runloop``), which drops its reference to the finished work *after* ``wait()``
+has returned in Python. Destroying the work destroys its tensors, and a tensor Python has seen
+needs the GIL to release its Python object. If the interpreter has begun finalizing by then,
+taking the GIL ends the thread (``pthread_exit``), the forced unwind meets the work's
+``noexcept`` destructor, and C++ calls ``std::terminate``: "terminate called without an active
+exception", SIGABRT, after a run that had finished and written everything. The cure is to
+destroy the process group while Python is fully alive: its destructor waits for gloo's work
+queue and joins the worker threads with the GIL released. ``destroy_process_group()`` only
+drops ``torch.distributed``'s own references, though, and
+``torch.distributed.nn.functional`` — imported by ``torch._dynamo``, which every torch optimizer
+imports when the first one is built, i.e. in every ``fit`` — binds ``group.WORLD`` as the
+default argument of ten functions when it is imported. Imported after the group exists, it
+keeps the group (and gloo's threads) alive past ``destroy_process_group()`` into interpreter
+finalization, and the race above is back. So softkd imports that module when it is imported,
+before it creates a group (the defaults are then ``None``, which means "the default group" at
+call time), and destroys the group it created at exit: explicitly at the end of every
+``softkd`` command, and from an ``atexit`` hook for a user's own script.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+
+import torch
+
+from softkd.errors import SoftKDError
+
+# Before any process group exists (see above): imported later, this module would bind the group
+# as a default argument and keep it alive past destroy_process_group(). 5 ms. (ZeRO's optimizer
+# and FSDP's ShardedGradScaler bind it the same way; softkd imports neither.)
+if torch.distributed.is_available():
+    importlib.import_module("torch.distributed.nn.functional")
+
+_owned = False  # whether softkd created this process's group (and so tears it down)
+
+
+class Distributed:
+    """This process's place in a data-parallel run started by ``torchrun`` or ``accelerate
+    launch`` (rank 0 of 1 otherwise). Accelerate sets up torch.distributed when no process
+    group exists yet: gloo on CPU, nccl on GPUs. A group the caller created stays the caller's:
+    softkd uses it and never destroys it."""
+
+    def __init__(self):
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _join_process_group()
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world = state.process_index, state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all processes, in place."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def sum_gradients_(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum gradients over processes in one flat all-reduce (a process with no samples in the
+        step contributes zeros). Every process normalised its loss by the global counts, so the
+        sum is the full batch's gradient."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.sum_(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def together(self, fn):
+        """``fn()`` on this process; if it raises on any process, it raises on every process.
+
+        Work that can fail on one process only (its shard of a cache build, the main process's
+        writes) would otherwise send the others on to their next collective, to die there when the
+        failing process exits (or wait for gloo's 30-minute timeout while it lives on). The failing
+        process raises its own error; the others raise the same SoftKDError class with the same
+        message (other exceptions: a SoftKDError naming them). All are marked ``shared``, so the
+        command line prints the message once, on the main process."""
+        if self.world == 1:
+            return fn()
+        failure, error, result = None, None, None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - relayed to every process, then re-raised
+            error = exc
+            kind = type(exc) if isinstance(exc, SoftKDError) else SoftKDError
+            failure = (kind, str(exc) if isinstance(exc, SoftKDError) else f"{type(exc).__name__}: {exc}")
+        for rank, found in enumerate(self.gather_object(failure)):
+            if found is not None:
+                shared = error if rank == self.rank else found[0](found[1])
+                shared.shared = True
+                raise shared
+        return result
+
+    def on_main(self, fn) -> None:
+        """``fn()`` on the main process only (its writes); every process waits for it and raises
+        if it failed (see :meth:`together`)."""
+        self.together(lambda: fn() if self.is_main else None)
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (e.g. until the main process has written a file)."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather_object(self, obj) -> list:
+        """Every process's ``obj``, in rank order (on every process)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """The main process's ``obj``, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sync_module_(self, module: torch.nn.Module) -> None:
+        """Give every process rank 0's parameters and buffers (batch-norm statistics)."""
+        if self.world > 1:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _join_process_group() -> None:
+    """Remember whether softkd creates this process's group (and so must destroy it)."""
+    global _owned
+    if not torch.distributed.is_initialized() and not _owned:
+        atexit.register(shutdown)
+        _owned = True
+
+
+def shutdown() -> None:
+    """Destroy the process group softkd created, if it still exists; a group created by the
+    caller is left alone. Called at the end of every ``softkd`` command and at interpreter exit
+    (whichever comes first; the second call does nothing)."""
+    global _owned
+    if _owned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        from accelerate import PartialState
+
+        PartialState._reset_state()  # a later Distributed() starts a new group instead of using the old one
+    _owned = False
