@@ -33,7 +33,7 @@ import softkd
 from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
 from softkd.data.datasets import build_dataset
 from softkd.methods import SoftTarget
-from softkd.models.checkpoint import load_weights
+from softkd.models.weights import load_weights
 from softkd.train.runtime import inference_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]

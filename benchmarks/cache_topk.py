@@ -25,7 +25,7 @@ import softkd
 from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
 from softkd.data.datasets import build_dataset, keep_labels
 from softkd.evaluate.metrics import classification_metrics, predict
-from softkd.models.checkpoint import load_weights
+from softkd.models.weights import load_weights
 from softkd.train.runtime import inference_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ import torch
 
 import softkd
 from softkd.data.datasets import build_dataset
-from softkd.models.checkpoint import load_weights
+from softkd.models.weights import load_weights
 from softkd.train.runtime import inference_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]

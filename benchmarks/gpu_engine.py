@@ -37,7 +37,7 @@ import torch
 import softkd
 from softkd.data.datasets import build_dataset
 from softkd.errors import SoftKDError, TrainingError
-from softkd.models.checkpoint import load_weights
+from softkd.models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "teachers" / "resnet64-fashion-mnist" / "teacher.safetensors"

@@ -18,7 +18,7 @@ import json, os, sys, torch, softkd
 from softkd.data.datasets import digits
 from softkd.methods import SoftTarget
 from softkd.models import build_model
-from softkd.models.checkpoint import save_weights
+from softkd.models.weights import save_weights
 torch.set_num_threads(1)
 out, accumulate, optimizer, max_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 splits = digits()
@@ -175,7 +175,7 @@ def test_cache_build_under_torchrun_is_byte_identical_to_one_process(tmp_path):
     (tmp_path / "run.yaml").write_text(RUN_CONFIG.replace("teacher: {", "teacher: {checkpoint: teacher.safetensors, "))
     torch.manual_seed(0)
     from softkd.models import build_model
-    from softkd.models.checkpoint import save_weights
+    from softkd.models.weights import save_weights
 
     save_weights(build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10), tmp_path / "teacher.safetensors")
     manifests = {}
@@ -194,7 +194,7 @@ RESUME_SCRIPT = r"""
 import sys, time, torch, softkd
 from softkd.data.datasets import digits
 from softkd.models import build_model
-from softkd.models.checkpoint import save_weights
+from softkd.models.weights import save_weights
 from softkd.train.distributed import Distributed
 torch.set_num_threads(1)
 out, resume, slow = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])

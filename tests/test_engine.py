@@ -87,7 +87,7 @@ SCRIPT = r"""
 import sys, time, torch, softkd
 from softkd.data.datasets import digits
 from softkd.models import build_model
-from softkd.models.checkpoint import save_weights
+from softkd.models.weights import save_weights
 torch.set_num_threads(1)
 out, resume, slow, lr = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), float(sys.argv[4])
 splits = digits()
@@ -181,7 +181,7 @@ def test_nan_loss_names_its_step_and_never_reaches_a_checkpoint(tmp_path, digit_
                                                                  poisoned_at_step5):
     # Accelerators record the first bad step on the device and raise at the next log record,
     # checkpoint or epoch end; forced here on the CPU to test that path.
-    monkeypatch.setattr("softkd.train.terms.defer_checks", lambda device: deferred)
+    monkeypatch.setattr("softkd.train.loss_guard.defer_checks", lambda device: deferred)
     with pytest.raises(TrainingError, match=r"non-finite at step 5 \(term\(s\): ce\).*last good checkpoint"):
         softkd.fit(poisoned_at_step5(), digit_splits.train, epochs=2, batch_size=64, checkpoint_dir=tmp_path,
                    checkpoint_every=3, log=lambda record: None, log_every=4)
@@ -204,8 +204,8 @@ def test_step_terms_folded_in_chunks_give_the_same_history_and_guard(tmp_path, d
         return fit.history, steps
 
     history, steps = run()
-    monkeypatch.setattr("softkd.train.terms.StepTerms.CHUNK", 2)
-    monkeypatch.setattr("softkd.train.terms.defer_checks", lambda device: True)
+    monkeypatch.setattr("softkd.train.loss_guard.StepTerms.CHUNK", 2)
+    monkeypatch.setattr("softkd.train.loss_guard.defer_checks", lambda device: True)
     folded_history, folded_steps = run()
     for a, b in zip(history + steps, folded_history + folded_steps, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)

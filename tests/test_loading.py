@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from softkd.errors import DataError, ShapeMismatchError, SoftKDError, UnknownNameError
-from softkd.models.checkpoint import load_weights, save_weights
+from softkd.models.weights import load_weights, save_weights
 from softkd.models.loading import ModelError, check_num_classes, resolve_model
 
 SHAPE = (1, 8, 8)

@@ -80,7 +80,7 @@ def test_a_data_change_retrains_students_of_a_loaded_teacher(tmp_path):
 
     from softkd.config import RunConfig
     from softkd.models import build_model
-    from softkd.models.checkpoint import save_weights
+    from softkd.models.weights import save_weights
 
     torch.manual_seed(0)
     save_weights(build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10), tmp_path / "teacher.safetensors")

@@ -24,7 +24,7 @@ from softkd.data.datasets import Splits, keep_labels, load_splits
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
 from softkd.evaluate.metrics import classification_metrics, predict, teacher_metrics
-from softkd.models.checkpoint import load_weights, save_weights
+from softkd.models.weights import load_weights, save_weights
 from softkd.models.teacher import Teacher
 from softkd.models.loading import check_num_classes, resolve_model
 from softkd.models.zoo import count_params

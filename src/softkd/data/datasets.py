@@ -192,7 +192,7 @@ def load_splits(
     unlabeled samples always stay in the transfer set. Otherwise ``name`` is a registered dataset.
     ``unlabeled_path`` adds an unlabeled dataset to the transfer set (its labels are dropped).
     """
-    from softkd.data.arrays import load_arrays
+    from softkd.data.readers import load_arrays
 
     def load(file):
         return load_arrays(file, label_column=label_column) if str(file).lower().endswith(".csv") else load_arrays(file)

@@ -5,7 +5,7 @@ imports ``mypkg.nets`` and calls ``make_net(depth=4, num_classes=10, input_shape
 (the last two only where its signature takes them). ``"torchvision:resnet18"`` and
 ``"timm:resnet18"`` go through those libraries (``pip install "softkd[vision]"``); any other
 string is a zoo name such as ``resnet-64``. Weights load separately, with
-``softkd.models.checkpoint.load_weights``: a spec never unpickles anything.
+``softkd.models.weights.load_weights``: a spec never unpickles anything.
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ from softkd.errors import ConfigError
 from softkd.evaluate.metrics import evaluate
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
-from softkd.models.checkpoint import save_weights
+from softkd.models.weights import save_weights
 from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.distributed import Distributed
 from softkd.train.runtime import autocast, grad_scaler
-from softkd.train.terms import StepTerms
+from softkd.train.loss_guard import StepTerms
 
 
 MONITORS = {"accuracy": 1.0, "loss": -1.0, "nll": -1.0, "ece": -1.0}  # sign: higher is better

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from softkd.data.arrays import load_arrays, load_csv, load_image_folder, load_npz
+from softkd.data.readers import load_arrays, load_csv, load_image_folder, load_npz
 from softkd.errors import ConfigError, DataError
 
 
