@@ -175,24 +175,63 @@ def kd_objective(
     soft_targets: torch.Tensor | None = None,
     temperature: float = 4.0,
     beta: float = 0.9,
+    kd_scale: float = 1.0,
+    standardize: bool = False,
     mask: torch.Tensor | None = None,
     labeled_count: float | torch.Tensor | None = None,
     sample_count: float | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(1 − β) · CE(s, y) + β · T² · KL(p_T ‖ q_T).
+    """(1 − β) · CE(s, y) + β · kd_scale · T² · KL(p_T ‖ q_T).
 
     CE averages over the labeled unmasked samples (label >= 0; -1 marks unlabeled), the
     distillation term over all unmasked samples; unlabeled samples contribute only the distillation term. ``labeled_count`` and
     ``sample_count`` override the two denominators. λ·R(θ) is the optimizer's weight decay.
-    Returns ``{"loss", "ce", "kd"}`` (``kd`` includes the T² factor).
+    ``kd_scale`` (default 1) multiplies the distillation term beyond β's cap of 1 (to match
+    another method's total distillation weight). ``standardize``: both logits z-scored per sample
+    before the temperature (:func:`standardize_logits`; Sun et al. 2024); CE keeps the raw logits.
+    Returns ``{"loss", "ce", "kd"}`` (``kd`` is T²·KL, without β or ``kd_scale``).
     """
     check_beta(beta)
+    if standardize:
+        if soft_targets is not None:
+            raise ConfigError("'standardize' z-scores the teacher's logits; it cannot apply to soft_targets "
+                              "(probabilities): give teacher logits or set standardize: false.")
+        kd_student, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits.detach())
+    else:
+        kd_student = student_logits
     kd = soft_target_kl(
-        student_logits, teacher_logits, soft_targets=soft_targets, temperature=temperature,
+        kd_student, teacher_logits, soft_targets=soft_targets, temperature=temperature,
         mask=mask, count=sample_count,
     )
     ce = cross_entropy(student_logits, labels, mask=mask, count=labeled_count)
-    return {"loss": (1 - beta) * ce + beta * kd, "ce": ce.detach(), "kd": kd.detach()}
+    return {"loss": (1 - beta) * ce + (beta * kd_scale) * kd, "ce": ce.detach(), "kd": kd.detach()}
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each sample's logits z-scored over the classes: (z − mean(z)) / √(var(z) + eps²), population
+    std, in float32 (float64 stays). Logit standardisation (Sun et al., CVPR 2024): adding a
+    constant to a sample's logits or scaling them by a positive factor changes nothing, so the
+    student matches the teacher's logit *shape*, not its range."""
+    z = _compute_dtype(logits)
+    centred = z - z.mean(dim=-1, keepdim=True)
+    # eps inside the root: the same value as std + eps up to eps², and a finite gradient when a
+    # row's logits are all equal (the root's derivative at 0 is infinite).
+    return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + eps**2).sqrt()
+
+
+def ensemble_targets(teacher_logits: torch.Tensor, weights: torch.Tensor, *, temperature: float,
+                     combine: str = "probs") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Several teachers' logits (B, M, C) as one target, ``(teacher_logits, soft_targets)`` with
+    one of them None: ``probs``: soft targets Σ_m w_m · softmax(t_m / T); ``logits``: the logits
+    Σ_m w_m · t_m (softened by T later). ``weights`` (M,) sum to 1."""
+    if teacher_logits.ndim != 3 or teacher_logits.shape[1] != weights.shape[0]:
+        raise ShapeMismatchError(f"Multi-teacher logits must have shape (B, {weights.shape[0]}, C), one row per "
+                                 f"teacher; got {tuple(teacher_logits.shape)}.")
+    t = _compute_dtype(teacher_logits.detach())
+    w = weights.to(t.dtype)[None, :, None]
+    if combine == "logits":
+        return (t * w).sum(1), None
+    return None, (torch.softmax(t / temperature, dim=-1) * w).sum(1)
 
 
 def supervised_objective(
@@ -225,6 +264,8 @@ def cross_entropy(
         denominator = labeled.sum() if count is None else count
         return _divide(total, denominator)
     labeled = labeled & mask.reshape(-1).bool()
+    # Masked rows (padding) may hold anything, NaN included: zeroed, or NaN would reach the gradient.
+    logits = torch.where(labeled[:, None], logits, torch.zeros_like(logits))
     per_sample = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     return _masked_mean(per_sample, labeled, count)
 
@@ -244,6 +285,15 @@ def _masked_mean(
     else:
         denominator = per_sample.numel() if count is None else count
     return _divide(per_sample.sum(), denominator)
+
+
+def zero_masked_rows(mask: torch.Tensor | None, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``logits`` (N, C) or (B, L, C) with the rows ``mask`` leaves out set to 0: masked rows (padding) may hold
+    anything, NaN included, and must not reach a value or a gradient."""
+    if mask is None:
+        return logits
+    keep = (mask != 0).unsqueeze(-1)
+    return tuple(torch.where(keep, x, torch.zeros_like(x)) for x in logits)
 
 
 def _divide(total: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
