@@ -101,8 +101,8 @@ def test_the_cache_holds_the_teacher_on_replayed_views(tmp_path, images):
 class _Spy(SoftTarget):
     """Records what each training batch fed the student and its teacher logits."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.seen = []
 
     def forward(self, model, batch, **counts):
@@ -115,7 +115,8 @@ def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_pat
     cache = _cache(tmp_path, teacher, images, aug, views=4)
     logits = torch.stack([cache.logits(torch.arange(len(images)), view=v) for v in range(4)], 1)  # (N, K, C)
     spy = {}
-    monkeypatch.setattr("softkd.train.distill.SoftTarget", lambda **kw: spy.setdefault("objective", _Spy(**kw)))
+    monkeypatch.setattr("softkd.train.distill.build_method",
+                        lambda params, teachers: spy.setdefault("objective", _Spy(params, teachers=teachers)))
     student = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
     softkd.distill(student, teacher, images, teacher_logits=logits, augment=aug, epochs=3, batch_size=64)
     seen = spy["objective"].seen

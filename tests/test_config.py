@@ -26,7 +26,9 @@ def test_yaml_roundtrip(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method.temprature=2", "Unknown key 'method.temprature' in --set overrides: did you mean 'temperature'?"),
+        ("method.temprature=2", "Unknown parameter 'method.temprature' for method 'soft-target': did you mean "
+                                   "'temperature'\\? its parameters are temperature, beta, kd_scale, standardize "
+                                   "\\(in --set overrides\\)"),
         ("trian.epochs=3", "Unknown key 'trian' in --set overrides: did you mean 'train'?"),
         ("method.temperature=0", "'method.temperature' .* greater than 0; got 0"),
         ("method.temperature=-1", "'method.temperature' .* greater than 0; got -1"),

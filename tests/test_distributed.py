@@ -20,9 +20,9 @@ from softkd.methods import SoftTarget
 from softkd.models import build_model
 from softkd.models.weights import save_weights
 torch.set_num_threads(1)
-out, accumulate, optimizer, max_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+out, accumulate, optimizer, max_steps, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 splits = digits()
-x, y = splits.train.x[:512], splits.train.y[:512].clone()
+x, y = splits.train.x[:n], splits.train.y[:n].clone()
 y[::3] = -1
 y[:50] = -1                                   # labeled and unlabeled samples spread unevenly
 torch.manual_seed(0)
@@ -42,18 +42,23 @@ json.dump(records, open(f"{out}/log-{rank}.json", "w"))
 """
 
 
-def _train(folder, *, processes, accumulate=1, optimizer="sgd", max_steps=1):
+def _train(folder, *, processes, accumulate=1, optimizer="sgd", max_steps=1, samples=512):
     folder.mkdir()
     script = folder / "train.py"
     script.write_text(SCRIPT)
-    _launch([str(script), str(folder), str(accumulate), optimizer, str(max_steps)], processes=processes, cwd=folder)
+    _launch([str(script), str(folder), str(accumulate), optimizer, str(max_steps), str(samples)], processes=processes,
+            cwd=folder)
     return load_file(folder / "weights.safetensors")
 
 
-@pytest.mark.parametrize("accumulate, optimizer, max_steps", [(1, "sgd", 1), (2, "adamw", 8)])
-def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, accumulate, optimizer, max_steps):
-    one = _train(tmp_path / "one", processes=1, optimizer=optimizer, max_steps=max_steps)
-    two = _train(tmp_path / "two", processes=2, accumulate=accumulate, optimizer=optimizer, max_steps=max_steps)
+# 416 samples: each epoch's last step is one micro-batch of 32, so process 1 has none (it runs a
+# zero-weight backward pass for DDP's all-reduce, which must change nothing).
+@pytest.mark.parametrize("accumulate, optimizer, max_steps, samples", [(1, "sgd", 1, 512), (2, "adamw", 8, 512),
+                                                                        (2, "adamw", 8, 416)])
+def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, accumulate, optimizer, max_steps, samples):
+    one = _train(tmp_path / "one", processes=1, optimizer=optimizer, max_steps=max_steps, samples=samples)
+    two = _train(tmp_path / "two", processes=2, accumulate=accumulate, optimizer=optimizer, max_steps=max_steps,
+                 samples=samples)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     # metrics are reduced over processes, and only rank 0 logs
@@ -377,3 +382,49 @@ def test_softkd_teacher_under_torchrun_stopped_by_a_bad_value_exits_2_with_one_l
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "The training loss became non-finite at step" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "t" / "teacher.safetensors").exists()
+
+
+PARTS_SCRIPT = r"""
+import os, sys, torch, softkd
+from torch import nn
+from safetensors.torch import save_file
+from softkd.data.datasets import digits
+from softkd.methods import Method
+from softkd.models import build_model
+torch.set_num_threads(1)
+
+
+class LearnedBias(Method):  # a trainable part, sized by a dry forward (as adapters are)
+    name, terms = "learned-bias", ("loss", "ce")
+
+    def setup(self, model, batch):
+        self.parts = nn.Linear(10, 10)
+
+    def forward(self, model, batch, *, labeled_count=None, sample_count=None):
+        ce = softkd.losses.cross_entropy(self.run_parts(model(batch["x"])), batch["y"], count=labeled_count)
+        return {"loss": ce, "ce": ce.detach()}
+
+
+out, accumulate = sys.argv[1], int(sys.argv[2])
+splits = digits()
+torch.manual_seed(1)
+student, method = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10), LearnedBias()
+softkd.fit(student, softkd.ArrayDataset(splits.train.x[:416], splits.train.y[:416]), objective=method, epochs=2,
+           batch_size=128, accumulate=accumulate, optimizer="adamw", lr=0.01)
+if int(os.environ.get("RANK", "0")) == 0:
+    save_file({f"parts.{k}": v.contiguous() for k, v in method.parts.state_dict().items()} |
+              {f"student.{k}": v.contiguous() for k, v in student.state_dict().items()}, out + "/weights.safetensors")
+"""
+
+
+def test_a_methods_trainable_parts_train_through_ddp_like_one_process(tmp_path):
+    (tmp_path / "parts.py").write_text(PARTS_SCRIPT)
+    weights = {}
+    for processes, accumulate in ((1, 1), (2, 2)):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        _launch([str(tmp_path / "parts.py"), str(out), str(accumulate)], processes=processes, cwd=tmp_path)
+        weights[processes] = load_file(out / "weights.safetensors")
+    assert {k for k in weights[1] if k.startswith("parts.")} == {"parts.weight", "parts.bias"}
+    for key in weights[1]:
+        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)

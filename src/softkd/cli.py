@@ -166,7 +166,8 @@ def validate(
     from softkd.config import load_config
 
     cfg = load_config(path, set_)
-    console.print(f"OK: {path} is a valid run config (data {cfg.data.name}, teacher {cfg.teacher.model}, "
+    teachers = ("teachers " if cfg.teachers else "teacher ") + ", ".join(t.model for t in cfg.teacher_list)
+    console.print(f"OK: {path} is a valid run config (data {cfg.data.name}, {teachers}, "
                   f"student {cfg.student.model}, method {cfg.method.name}).")
 
 
@@ -200,13 +201,16 @@ def ls(what: str = typer.Argument("models", help="models, datasets or methods"))
     """List the registered models (with parameter counts for 1×28×28 inputs and 10 classes),
     datasets or methods."""
     from softkd.data.datasets import DATASETS
-    from softkd.methods import OBJECTIVES
+    from softkd.methods import METHODS
     from softkd.models.zoo import MODELS
 
-    registries = {"models": MODELS, "datasets": DATASETS, "methods": OBJECTIVES}
+    registries = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
     if what not in registries:
         raise SoftKDError(f"Cannot list '{what}'; use one of: {', '.join(registries)}.")
     registry = registries[what]
+    if what == "methods":
+        _list_methods(registry)
+        return
     for name in registry.names():
         aliases = [a for a, target in registry.aliases().items() if target == name]
         line = name + (f"  (alias: {', '.join(aliases)})" if aliases else "")
@@ -217,6 +221,28 @@ def ls(what: str = typer.Argument("models", help="models, datasets or methods"))
                      for example in registry.examples(name)]
             line = f"{line:<16} params: {', '.join(sizes)}"
         console.print(line, highlight=False)
+
+
+NEEDS_TEXT = {"logits": "teacher logits (soft-label cache or live teacher)",
+              "features": "a live teacher's intermediate features", "none": "no teacher"}
+
+
+def _list_methods(registry) -> None:
+    """Each method: name and aliases, one line, what it needs, and its parameters."""
+    from softkd.methods.base import parameter_table
+
+    for name in registry.names():
+        cls = registry.resolve(name)[0]
+        aliases = [a for a, target in registry.aliases().items() if target == name]
+        teachers = {"one": "one teacher", "several": "several teachers", "none": "no teacher"}[cls.teachers_needed]
+        console.print(f"{name}" + (f"  (alias: {', '.join(aliases)})" if aliases else ""), style="bold",
+                      highlight=False)
+        console.print(f"  {cls.summary}", highlight=False)
+        console.print(f"  needs: {NEEDS_TEXT[cls.needs]}; {teachers}", highlight=False)
+        for param, default, bounds, description in parameter_table(cls):
+            console.print(f"    {param:<12} default {default:<8} {bounds}", highlight=False)
+            if description:
+                console.print(f"      {description}", highlight=False)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch them into the user cache.")
@@ -269,8 +295,10 @@ def cache_build(
 
     cfg = load_config(config, set_)
     with _progress() as progress:
-        cache = build_cache(cfg, out_dir=out or Path(cfg.output.dir or Path("runs") / config.stem), progress=progress)
-    _print_cache_info(cache.info())
+        caches = build_cache(cfg, out_dir=out or Path(cfg.output.dir or Path("runs") / config.stem),
+                             progress=progress)
+    for cache in caches:
+        _print_cache_info(cache.info())
 
 
 @cache_app.command("verify")

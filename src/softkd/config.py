@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from softkd.errors import ConfigError, UnknownNameError
+from softkd.errors import ConfigError, SoftKDError, UnknownNameError
+from softkd.methods.base import MethodParams, method_class, method_params
 
 
 class _Section(BaseModel):
@@ -87,6 +88,9 @@ class TeacherConfig(_Section):
     kwargs: dict = Field(default_factory=dict)
     """Keyword arguments for a 'package.module:factory', torchvision: or timm: model."""
     checkpoint: str | None = None
+    cache_dir: str | None = None
+    """This teacher's soft-label cache (in a ``teachers:`` list); default ``<cache.dir or run
+    directory/cache>/teacher<i>``. Naming the folder a single-teacher run built reuses it."""
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
@@ -101,19 +105,6 @@ class StudentConfig(_Section):
     kwargs: dict = Field(default_factory=dict)
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
-
-
-class MethodConfig(_Section):
-    name: str = "soft-target"
-    temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
-    beta: float = Field(0.9, gt=0, le=1)
-
-    @field_validator("name")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from softkd.methods import OBJECTIVES
-
-        return _registered(OBJECTIVES, name)
 
 
 class TrainConfig(_Section):
@@ -182,11 +173,47 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: list[TeacherConfig] | None = None
+    """Several teachers (method multi-teacher), each with the keys of ``teacher``, instead of ``teacher``."""
     student: StudentConfig = Field(default_factory=StudentConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: SerializeAsAny[MethodParams] = Field(default_factory=lambda: method_params("soft-target"))
+    """The distillation method: ``name`` and that method's own parameters (softkd ls methods)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, raw):
+        if isinstance(raw, MethodParams):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping with the method's name and parameters; got {raw!r}")
+        values = dict(raw)
+        try:
+            return method_params(values.pop("name", "soft-target"), **values)
+        except SoftKDError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _teachers_fit_the_method(self):
+        several = method_class(self.method.name).teachers_needed == "several"
+        if self.teachers is not None:
+            if "teacher" in self.model_fields_set:
+                raise ValueError("give either 'teacher' (one) or 'teachers' (a list), not both")
+            if len(self.teachers) < 2:
+                raise ValueError("'teachers' must list at least 2 teachers; give one as 'teacher'")
+            if not several:
+                raise ValueError(f"'teachers' lists {len(self.teachers)} teachers but method '{self.method.name}' "
+                                 "learns from one; use method.name: multi-teacher")
+        elif several:
+            raise ValueError(f"method '{self.method.name}' combines several teachers: list them under 'teachers:'")
+        return self
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's teachers: ``teachers``, or the one ``teacher``."""
+        return list(self.teachers) if self.teachers is not None else [self.teacher]
 
     @model_validator(mode="after")
     def _views_match_augmentation(self):
@@ -258,6 +285,8 @@ def _describe(error: dict, where: str) -> str:
     got_text = "" if isinstance(got, dict) or error["type"].startswith("unknown") else f"; got {got!r}"
     if not loc:  # a check across sections: the message names its keys
         return f"In {where}: {message}."
+    if loc == ["method"]:  # the method's own errors name the parameter, its range and the method's others
+        return f"{message.rstrip('.')} (in {where})."
     if "Unknown " in message:  # registry errors already name the value and the fix
         return f"{dotted} in {where}: {message}"
     return f"The '{dotted}' in {where} is invalid: {message}{got_text}."

@@ -29,6 +29,7 @@ from softkd.models.teacher import Teacher
 from softkd.models.loading import check_num_classes, resolve_model
 from softkd.models.zoo import count_params
 from softkd.report.run_log import RunLog, summary_writer
+from softkd.methods import build_method
 from softkd.report.summary import build_report, write_report
 from softkd.train.distill import distill
 from softkd.train.loop import fit
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from softkd.cache import SoftLabelCache
 
 KINDS = ("scratch", "distilled")
+STAMP_FORMAT = 2  # stage stamps written by softkd 0.2 (0.1's have no "format")
 
 
 def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
@@ -54,13 +56,16 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     and only the main process writes the run directory (the others get the same report)."""
     dist = Distributed()
     with _runtime(config):
-        splits, teacher = _prepare(config)  # bad data, names or checkpoints fail before a file is written
+        splits, teachers = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
-            teacher_key = _teacher_stage(config, teacher, splits, out, logger, resume)
-            teacher = Teacher(teacher)
-            teacher_test_logits, test_labels = _predict_in_shares(teacher, splits.test, dist)
-            transfer_logits = None  # the teacher's pass over the transfer set, shared by every run
+            teacher_key = _teacher_stage(config, teachers, splits, out, logger, resume)
+            teachers = [Teacher(t) for t in teachers]
+            method = build_method(config.method, teachers=teachers)
+            each_test = [_predict_in_shares(t, splits.test, dist) for t in teachers]
+            test_labels = each_test[0][1]
+            teacher_test_logits = method.combined_teacher_logits([logits for logits, _ in each_test])
+            transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
             runs = []
             for fraction in config.data.fractions:
                 transfer = keep_labels(splits.train, fraction, seed=config.data.seed)
@@ -71,18 +76,19 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                         cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views"})
                         key = _hash(teacher_key, _data_key(config), kind, fraction, seed, config.student,
                                     _train_key(config),
-                                    config.method if distilled else None, cache_key if distilled else None,
+                                    method.key() if distilled else None, cache_key if distilled else None,
                                     *_augment_key(config))
-                        result = _read_stamp(out / "students" / f"{name}.json", key)
+                        stamp = out / "students" / f"{name}.json"
+                        result = _read_stamp(stamp, key)
                         if result is None:
-                            if kind == "distilled" and transfer_logits is None:
-                                transfer_logits = _transfer_logits(config, teacher, splits, out, logger)
+                            _note_stale(stamp, logger)
+                            if distilled and transfer_logits is None and method.needs == "logits":
+                                transfer_logits = _transfer_logits(config, teachers, splits, out, logger)
                             log = logger.bind(stage=kind, labeled_fraction=fraction, seed=seed)
                             resume_from = _checkpoints(config, out / "students" / f"{name}.ckpt", resume)
                             run_key = {"teacher": teacher_key, "kind": kind, "labeled_fraction": fraction,
-                                       "student": config.student.model_dump(mode="json"),
-                                       "method": config.method.model_dump(mode="json"), "train": _train_key(config)}
-                            student = _train_student(kind, config, splits, transfer, teacher, transfer_logits,
+                                       "student": config.student.model_dump(mode="json"), "train": _train_key(config)}
+                            student = _train_student(kind, config, splits, transfer, teachers, transfer_logits,
                                                      seed, log, checkpoint_dir=resume_from, resume=resume,
                                                      run_key=run_key)
                             logits, _ = _predict_in_shares(student, splits.test, dist)
@@ -96,8 +102,10 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                         else:
                             logger.skip(config.train.epochs, f"{name} (up to date)")
                         runs.append(result)
-        teacher_eval = classification_metrics(teacher_test_logits, test_labels)
-        report = build_report(config, teacher_eval, count_params(teacher), runs, splits)
+        teacher_evals = [{"model": t.model, "params": count_params(m), **classification_metrics(logits, test_labels)}
+                         for t, m, (logits, _) in zip(config.teacher_list, teachers, each_test)]
+        report = build_report(config, method, teacher_evals, classification_metrics(teacher_test_logits, test_labels),
+                              runs, splits)
         # The run directory is complete before any process returns.
         dist.on_main(lambda: write_report(report, out))
         return report
@@ -108,43 +116,52 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     validation epoch; teacher-last.safetensors after every epoch while training) and teacher.json
     with its test metrics, which it returns. An up-to-date teacher in ``out_dir`` is kept.
     Trains data-parallel under torchrun / accelerate launch (see :func:`run_experiment`)."""
+    if config.teachers is not None:
+        raise ConfigError("'softkd teacher' trains the one 'teacher:' of a config; train each of 'teachers:' with a "
+                          "config of its own and give its checkpoint.")
     with _runtime(config):
-        splits, teacher = _prepare(config, load=False)
+        splits, teachers = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
-            _teacher_stage(config, teacher, splits, out, logger, resume)
+            _teacher_stage(config, teachers, splits, out, logger, resume)
         Distributed().barrier()  # teacher.json is written
         return json.loads((out / "teacher.json").read_text())["result"]
 
 
-def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> SoftLabelCache:
-    """Only the cache stage (``softkd cache build``): the teacher (loaded from
-    ``teacher.checkpoint`` or trained into ``out_dir``) runs once over the transfer set, its
-    shards split across processes under torchrun / accelerate launch."""
+def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> list[SoftLabelCache]:
+    """Only the cache stage (``softkd cache build``): each teacher (loaded from its
+    ``checkpoint`` or trained into ``out_dir``) runs once over the transfer set, its shards split
+    across processes under torchrun / accelerate launch. Returns the caches, in teacher order."""
     with _runtime(config):
-        splits, teacher = _prepare(config)
+        splits, teachers = _prepare(config)
         out = _open_run_dir(config, out_dir)
-        with RunLog(out, progress, total=config.teacher.epochs) as logger:
-            _teacher_stage(config, teacher, splits, out, logger)
-            return _open_or_build_cache(config, Teacher(teacher), splits, out, logger)
+        with RunLog(out, progress, total=_teacher_epochs(config)) as logger:
+            _teacher_stage(config, teachers, splits, out, logger)
+            return [_open_or_build_cache(config, i, Teacher(t), splits, out, logger) for i, t in enumerate(teachers)]
 
 
-def _transfer_logits(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> torch.Tensor:
-    """The teacher's raw logits on the transfer set, in its order: from the soft-label cache
-    ((N, K, C) for K augmented views), or computed here when the cache is off; None when the
-    teacher must run on every augmented batch."""
+def _transfer_logits(config: RunConfig, teachers: list[Teacher], splits: Splits, out: Path,
+                     logger) -> torch.Tensor | None:
+    """The teachers' raw logits on the transfer set, in its order: (N, C) for one teacher, (N, M, C)
+    for M, with a view axis after N for augmented views; from the soft-label caches, or computed
+    here when the cache is off; None when the teachers must run on every augmented batch."""
     if not config.cache.enabled:
         if config.data.augment is not None:
             return None
-        return teacher.predict_logits(build_loader(splits.train, batch_size=inference_batch_size(teacher)))
-    cache = _open_or_build_cache(config, teacher, splits, out, logger)
-    positions = torch.arange(len(splits.train))
-    if cache.views == 1:
-        return cache.logits(positions)
-    return torch.stack([cache.logits(positions, view=v) for v in range(cache.views)], 1)  # (N, K, C)
+        loader = build_loader(splits.train, batch_size=inference_batch_size(teachers[0]))
+        each = [t.predict_logits(loader) for t in teachers]
+    else:
+        each = []
+        positions = torch.arange(len(splits.train))
+        for i, teacher in enumerate(teachers):
+            cache = _open_or_build_cache(config, i, teacher, splits, out, logger)
+            each.append(cache.logits(positions) if cache.views == 1 else
+                        torch.stack([cache.logits(positions, view=v) for v in range(cache.views)], 1))  # (N, K, C)
+    return each[0] if config.teachers is None else torch.stack(each, -2)
 
 
-def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> SoftLabelCache:
+def _open_or_build_cache(config: RunConfig, index: int, teacher: Teacher, splits: Splits, out: Path,
+                         logger) -> SoftLabelCache:
     from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
 
     d = config.data
@@ -157,8 +174,7 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
               "val_fraction": d.val_fraction, "seed": d.seed, "n": len(splits.train),
               "ids_sha256": ids_sha256(splits.train.ids)},
     )
-    shared = config.cache.dir is not None
-    folder = Path(config.cache.dir) if shared else out / "cache"
+    folder, shared = _cache_folder(config, index, out)
     if (folder / "manifest.json").exists():
         try:
             return SoftLabelCache.open(folder, fingerprint=expected)
@@ -173,7 +189,19 @@ def _open_or_build_cache(config: RunConfig, teacher: Teacher, splits: Splits, ou
                                 batch_size=inference_batch_size(teacher))
 
 
+def _cache_folder(config: RunConfig, index: int, out: Path) -> tuple[Path, bool]:
+    """Teacher ``index``'s cache folder, and whether it is shared (named in the config: never
+    replaced). One teacher: ``cache.dir`` or ``<run>/cache``; several: each one's ``cache_dir``,
+    else ``teacher<i>`` inside those."""
+    own = config.teacher_list[index].cache_dir if config.teachers is not None else None
+    if own is not None:
+        return Path(own), True
+    base = Path(config.cache.dir) if config.cache.dir is not None else out / "cache"
+    return (base / f"teacher{index}" if config.teachers is not None else base), config.cache.dir is not None
+
+
 def _prepare(config: RunConfig, *, load: bool = True):
+    """The splits and the teachers (weights loaded from their checkpoints), on the run's device."""
     if config.output.tensorboard:
         summary_writer()  # missing package: fail before anything is written
     d = config.data
@@ -184,14 +212,23 @@ def _prepare(config: RunConfig, *, load: bool = True):
     if config.cache.top_k is not None and config.cache.top_k > classes:
         raise ConfigError(f"The 'cache.top_k' must be <= the data's {classes} classes; got {config.cache.top_k} "
                           "(use top_k: null to store all logits).")
+    if config.teachers is not None and load:
+        missing = [i for i, t in enumerate(config.teachers) if not t.checkpoint]
+        if missing:
+            raise ConfigError(f"teachers[{missing[0]}] has no checkpoint: a run with several teachers loads each one; "
+                              "train it first with `softkd teacher` (a config with it as 'teacher:').")
     torch.manual_seed(config.data.seed)
-    teacher = resolve_model(config.teacher.model, input_shape=shape, num_classes=classes, kwargs=config.teacher.kwargs)
-    check_num_classes(teacher, input_shape=shape, num_classes=classes, role="teacher")
+    teachers = []
+    for i, t in enumerate(config.teacher_list):
+        role = "teacher" if config.teachers is None else f"teachers[{i}]"
+        teacher = resolve_model(t.model, input_shape=shape, num_classes=classes, kwargs=t.kwargs)
+        check_num_classes(teacher, input_shape=shape, num_classes=classes, role=role)
+        if load and t.checkpoint:
+            load_weights(teacher, t.checkpoint)
+        teachers.append(teacher.to(select_device(config.train.device)))
     student = resolve_model(config.student.model, input_shape=shape, num_classes=classes, kwargs=config.student.kwargs)
     check_num_classes(student, input_shape=shape, num_classes=classes, role="student")
-    if load and config.teacher.checkpoint:
-        load_weights(teacher, config.teacher.checkpoint)
-    return splits, teacher.to(select_device(config.train.device))
+    return splits, teachers
 
 
 def _predict_in_shares(model, data, dist: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +263,15 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     return out
 
 
-def _teacher_stage(config: RunConfig, teacher, splits: Splits, out: Path, logger: RunLog,
+def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path, logger: RunLog,
                    resume: bool = False) -> str:
-    """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key."""
-    t = config.teacher
+    """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key
+    (several teachers: all loaded, the key of their checkpoints)."""
+    if config.teachers is not None:
+        logger.skip(0, f"{len(teachers)} teachers (loaded)")
+        return _hash("checkpoints", [hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest()
+                                     for t in config.teachers])
+    t, teacher = config.teacher, teachers[0]
     if t.checkpoint:
         logger.skip(t.epochs, "teacher (loaded)")
         return _hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
@@ -278,7 +320,7 @@ def _checkpoints(config: RunConfig, folder: Path, resume: bool) -> Path | None:
     return folder
 
 
-def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, transfer_logits, seed: int, log,
+def _train_student(kind, config: RunConfig, splits: Splits, transfer, teachers, transfer_logits, seed: int, log,
                    **checkpointing):
     """The same architecture, initialisation, data and budget; only the objective differs."""
     torch.manual_seed(seed)
@@ -300,8 +342,8 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teacher, t
     if kind == "scratch":  # the same views as the distilled student
         views = config.cache.views if augment is not None and config.cache.enabled else None
         return fit(student, transfer, augment=augment, views=views, **budget).model
-    return distill(student, teacher, transfer, temperature=config.method.temperature, beta=config.method.beta,
-                   teacher_logits=transfer_logits, augment=augment, **budget).model
+    return distill(student, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
+                   augment=augment, **budget).model
 
 
 def _data_key(config: RunConfig) -> dict:
@@ -353,9 +395,24 @@ def _read_stamp(path: Path, key: str):
 
 
 def _write_stamp(path: Path, key: str, result: dict) -> None:
-    atomic_write_text(path, json.dumps({"key": key, "result": result}, indent=2))
+    atomic_write_text(path, json.dumps({"key": key, "format": STAMP_FORMAT, "result": result}, indent=2))
+
+
+def _note_stale(path: Path, logger: RunLog) -> None:
+    """Say so when a student is trained again because softkd 0.1 wrote its stamp (0.2 changed
+    every distilled student's key: the method's own parameters are in it)."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if "format" not in stamp:
+        logger.note(f"{path.stem}: written by softkd 0.1 with the old method settings; training it again.")
+
+
+def _teacher_epochs(config: RunConfig) -> int:
+    return 0 if config.teachers is not None else config.teacher.epochs
 
 
 def _count_epochs(config: RunConfig) -> int:
     students = len(config.data.fractions) * len(config.train.seeds) * len(KINDS)
-    return config.teacher.epochs + students * config.train.epochs
+    return _teacher_epochs(config) + students * config.train.epochs

@@ -1,9 +1,16 @@
-"""Training objectives, one per file, registered by name. Each is an ``nn.Module`` called as
-``objective(model, batch) -> {"loss": ..., "ce": ..., ...}``; its own trainable parameters
-(adapters, peers) are optimised with the model's."""
+"""Distillation methods, one per file, registered by name (``softkd ls methods``). Each is a
+:class:`~softkd.methods.base.Method` called as ``method(model, batch) -> {"loss": ..., ...}``;
+see ``methods/base.py`` for what a method declares."""
 
-from softkd.methods.base import OBJECTIVES, build_objective
+from softkd.methods.base import (METHODS, Method, MethodParams, build_method, build_objective, method_class,
+                                 method_params, register_method)
+from softkd.methods.dist import DIST
+from softkd.methods.dkd import DKD
+from softkd.methods.multi_teacher import MultiTeacher
 from softkd.methods.soft_target import SoftTarget
 from softkd.methods.supervised import Supervised
 
-__all__ = ["OBJECTIVES", "SoftTarget", "Supervised", "build_objective"]
+OBJECTIVES = METHODS  # the registry's name before 0.2
+
+__all__ = ["DIST", "DKD", "METHODS", "Method", "MethodParams", "MultiTeacher", "OBJECTIVES", "SoftTarget",
+           "Supervised", "build_method", "build_objective", "method_class", "method_params", "register_method"]

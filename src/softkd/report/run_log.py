@@ -5,6 +5,7 @@ draws anything."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from softkd.errors import ConfigError
@@ -56,6 +57,15 @@ class RunLog:
                 advance = 0 if record.get("kind") == "step" else 1
                 self.progress.update(self.task, advance=advance, description=_describe_job(tags, record))
         return log
+
+    def note(self, text: str) -> None:
+        """One line for the user (on the main process), above the progress bar."""
+        if self.file is None:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr)
 
     def skip(self, epochs: int, description: str) -> None:
         if self.progress is not None:

@@ -40,7 +40,15 @@ def verdict(scratch: dict, distilled: dict) -> str:
     return f"no clear difference: {points} is within 2 standard errors ({100 * 2 * se:.1f})"
 
 
-def build_report(config, teacher_eval: dict, teacher_params: int, runs: list[dict], splits) -> dict:
+SCHEMA_VERSION = 2
+"""report.json's layout. 2 (softkd 0.2): ``schema_version``, ``method`` holds the method's own
+parameters and its ``formula``, ``teachers`` lists each teacher when there are several (``teacher``
+is then their ensemble). 1 (0.1, no ``schema_version``): ``method`` with temperature and beta."""
+
+
+def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict, runs: list[dict], splits) -> dict:
+    """``teacher_evals``: each teacher's test metrics (model, params, accuracy...); ``teacher_eval``:
+    what they predict together (the one teacher's, or the ensemble's)."""
     import softkd
 
     regimes = {}
@@ -64,12 +72,17 @@ def build_report(config, teacher_eval: dict, teacher_params: int, runs: list[dic
         entry["params"] = by_kind["distilled"][0]["params"]
         entry["verdict"] = verdict(entry["scratch"]["accuracy"], entry["distilled"]["accuracy"])
         regimes[f"{fraction:.0%} labels"] = entry
+    teacher = dict(teacher_evals[0]) if len(teacher_evals) == 1 else {
+        "model": f"ensemble of {len(teacher_evals)} ({', '.join(t['model'] for t in teacher_evals)})",
+        "params": sum(t["params"] for t in teacher_evals), **teacher_eval}
     return {
-        "teacher": {"model": config.teacher.model, "params": teacher_params, **teacher_eval},
+        "schema_version": SCHEMA_VERSION,
+        "teacher": teacher,
+        **({"teachers": teacher_evals} if len(teacher_evals) > 1 else {}),
         "students": {config.student.model: {"params": regimes[next(iter(regimes))]["params"], "regimes": regimes}},
         "data": {"name": config.data.name, "train": len(splits.train),
                  "val": len(splits.val) if splits.val is not None else 0, "test": len(splits.test)},
-        "method": config.method.model_dump(),
+        "method": {**method.key(), "formula": method.describe()},
         "seeds": config.train.seeds,
         "config": config.model_dump(mode="json"),
         "hardware": {"device": describe_device(select_device(config.train.device)),
@@ -113,8 +126,8 @@ def write_report(report: dict, out: Path) -> None:
     atomic_write_text(out / "report.md", "\n".join([
         f"# softkd report: {report['data']['name']}",
         "",
-        f"Teacher `{report['teacher']['model']}`, method `{report['method']['name']}` "
-        f"(T = {report['method']['temperature']}, β = {report['method']['beta']}). Accuracy on the "
+        f"Teacher `{report['teacher']['model']}`, method `{report['method']['name']}`: "
+        f"{report['method']['formula']}.{_teachers_line(report)} Accuracy on the "
         f"{report['data']['test']}-sample test split, mean ± std over {seeds} seed(s); scratch and distilled "
         "students share architecture, initialisation, data and step budget.",
         "",
@@ -123,6 +136,13 @@ def write_report(report: dict, out: Path) -> None:
         _hardware_line(report),
         "",
     ]))
+
+
+def _teachers_line(report: dict) -> str:
+    if "teachers" not in report:
+        return ""
+    each = ", ".join(f"{t['model']} {_pct(t['accuracy'])}" for t in report["teachers"])
+    return f" Teachers' own test accuracy: {each}; the ensemble's {_pct(report['teacher']['accuracy'])}."
 
 
 def _hardware_line(report: dict) -> str:

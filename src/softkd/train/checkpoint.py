@@ -1,7 +1,7 @@
 """Full-state training checkpoints, written atomically, loaded without unpickling objects.
 
 A checkpoint holds what resuming needs to continue exactly where a run stopped: model,
-objective (adapters), optimizer, scheduler, step, epoch and position in it, the data order's
+the method's trainable parts (adapters; never a teacher), optimizer, scheduler, step, epoch and position in it, the data order's
 generator state at the epoch's start, every RNG state, early-stopping state and the run's
 settings (``run_key``). Files are ``ckpt-<step>.pt`` (the last ``keep_last`` are kept) and
 ``best.safetensors`` (the best validation epoch's weights).
@@ -21,6 +21,9 @@ from softkd.errors import ConfigError, DataError, first_line
 from softkd.utils import atomic_write_bytes
 
 _NAME = re.compile(r"ckpt-(\d+)\.pt")
+CHECKPOINT_FORMAT = 2
+"""2 (softkd 0.2): the method's settings in the run key, its trainable parts apart from the
+student, no teacher weights. 1 (softkd 0.1, no "format" key): the whole objective, teacher included."""
 
 
 def rng_states() -> dict:
@@ -70,6 +73,9 @@ def load_latest(folder: Path, *, run_key: dict) -> dict | None:
     except Exception as exc:  # truncated by a crash outside the atomic rename, or not ours
         raise DataError(f"Cannot read checkpoint '{found[-1]}': {first_line(exc)}; "
                         "delete it to resume from the one before.") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"Checkpoint '{found[-1]}' was written by softkd 0.1 with the old method settings and "
+                          "cannot be resumed; delete its folder to start that run again.")
     differing = diff_keys(state.get("run_key", {}), run_key)
     if differing:
         raise ConfigError(f"Checkpoint '{found[-1]}' was written with other settings ({', '.join(differing)}); "

@@ -24,10 +24,13 @@ call time), and destroys the group it created at exit: explicitly at the end of 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
+import inspect
 import os
 
 import torch
+from torch import nn
 
 from softkd.errors import SoftKDError
 
@@ -64,20 +67,6 @@ class Distributed:
         if self.world > 1:
             torch.distributed.all_reduce(tensor)
         return tensor
-
-    def sum_gradients_(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum gradients over processes in one flat all-reduce (a process with no samples in the
-        step contributes zeros). Every process normalised its loss by the global counts, so the
-        sum is the full batch's gradient."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.sum_(flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
 
     def together(self, fn):
         """``fn()`` on this process; if it raises on any process, it raises on every process.
@@ -130,11 +119,61 @@ class Distributed:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sync_module_(self, module: torch.nn.Module) -> None:
-        """Give every process rank 0's parameters and buffers (batch-norm statistics)."""
+    def wrap(self, module: nn.Module | None) -> nn.Module | None:
+        """``module`` in torch's DistributedDataParallel when several processes train it (its
+        parameters and buffers start as rank 0's; its gradients are summed over the processes
+        in the backward pass, overlapping it), else ``module`` itself. None and modules without
+        trainable parameters pass through."""
+        if self.world == 1 or module is None or not any(p.requires_grad for p in module.parameters()):
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (batch-norm statistics) are synced after each step instead (sync_buffers_); the
+        # keyword's name changed in torch 2.13.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        wrapped = DistributedDataParallel(module, **no_buffer_sync)
+        # Every process normalised its loss by the whole batch's counts, so the batch's gradient
+        # is the sum of the processes' gradients, not DDP's default mean.
+        wrapped.register_comm_hook(None, _sum_gradients)
+        return wrapped
+
+    def share(self, group: list[dict], accumulate: int) -> list[tuple[dict, bool, float]]:
+        """This process's micro-batches of one step's ``group``, as (batch, sync, weight): its
+        ``accumulate`` consecutive ones, the last with ``sync`` (DDP all-reduces the gradients
+        in that backward pass). A process left without samples (an epoch's short last step)
+        still runs one backward pass, on the group's first micro-batch with weight 0: DDP
+        needs every process in each all-reduce, and the zero gradient changes no sum. (DDP's
+        ``join`` would shadow the all-reduce instead, but leave that process without the
+        summed gradient, so its optimizer state would part from the others'.)"""
+        mine = group[self.rank * accumulate:(self.rank + 1) * accumulate]
+        if not mine:
+            return [(group[0], True, 0.0)] if self.world > 1 else []
+        return [(batch, i == len(mine) - 1, 1.0) for i, batch in enumerate(mine)]
+
+    @staticmethod
+    def no_sync(wrapped: list[nn.Module], sync: bool):
+        """DDP's ``no_sync`` on every wrapped module for a backward pass that only accumulates."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for module in wrapped:
+                if hasattr(module, "no_sync"):
+                    stack.enter_context(module.no_sync())
+        return stack
+
+    def sync_buffers_(self, *modules: nn.Module) -> None:
+        """Give every process rank 0's buffers (batch-norm statistics), so that every process
+        validates, and picks the best epoch, from the same model."""
         if self.world > 1:
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                torch.distributed.broadcast(tensor.data, src=0)
+            for module in modules:
+                for tensor in module.buffers():
+                    torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _sum_gradients(state, bucket):
+    """DDP communication hook: the bucket's gradients summed over processes (no division)."""
+    return torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def _join_process_group() -> None:

@@ -18,10 +18,11 @@ from softkd.data.datasets import as_dataset
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
 from softkd.evaluate.metrics import evaluate
+from softkd.methods.base import Method
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
 from softkd.models.weights import save_weights
-from softkd.train.checkpoint import load_latest, rng_states, save_checkpoint, set_rng_states
+from softkd.train.checkpoint import CHECKPOINT_FORMAT, load_latest, rng_states, save_checkpoint, set_rng_states
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.distributed import Distributed
@@ -133,15 +134,13 @@ def fit(
     val_batches = None
     if val_data is not None:
         val_batches = build_loader(as_dataset(val_data, name="val_data"), batch_size=max(batch_size, 1024))
-    params = trainable_parameters(model, objective)
+    device, parts, params = _trainables(model, objective, train_data, extras)
     opt = build_optimizer(params, name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov)
     group_size = accumulate * dist.world
     steps_per_epoch = -(-len(micro_batches) // group_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
     scheduler = build_scheduler(opt, lr_schedule, total_steps, warmup_steps=warmup_steps, max_lr=lr)
-    device = next(model.parameters()).device
-    dist.sync_module_(model)
     if not dist.is_main:  # one process logs; checkpoints are written by it and read by all
         log = None
     scaler = grad_scaler(precision, device)
@@ -153,15 +152,19 @@ def fit(
     terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None,
                           processes=dist.world)
     run = _RunState()
-    run_key = dict(run_key or {}, batch_size=batch_size, accumulate=accumulate, seed=seed, epochs=epochs,
-                   precision=precision, processes=dist.world, views=views, monitor=monitor,
-                   augment=augment.describe() if hasattr(augment, "describe") else repr(augment))
+    run_key = dict(run_key or {}, method=objective.key(), batch_size=batch_size, accumulate=accumulate, seed=seed,
+                   epochs=epochs, precision=precision, processes=dist.world, views=views, monitor=monitor,
+                   augment=getattr(augment, "describe", lambda: repr(augment))())
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and folder is not None:
         saved = load_latest(folder, run_key=run_key)
         if saved is not None:
             run = _restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
             terms_log.reset(run.totals)
+    # With several processes every trainable module trains through DDP (gradients summed over
+    # processes in the backward pass); the teacher never does. Processes start from rank 0's state.
+    student, objective.run_parts = dist.wrap(model), dist.wrap(objective.parts)
+    wrapped = [m for m in (student, objective.run_parts) if m is not None]
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
         if folder is None:
@@ -172,13 +175,13 @@ def fit(
                              rngs)
         dist.on_main(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last))
 
-    def forward_backward(batch: dict, counts: dict, *, cache: bool = True) -> torch.Tensor:
+    def forward_backward(batch: dict, counts: dict, *, cache: bool = True, weight: float = 1.0) -> torch.Tensor:
         """One micro-batch's loss and gradients; returns its terms as one device tensor."""
         with autocast(precision, device, cache=cache):
-            terms = objective(model, batch, **counts)
+            terms = objective(student, batch, **counts)
         if dist.world == 1:  # several processes check the summed terms in step(), all stopping together
             terms_log.check(terms, result.steps + 1)
-        scaler.scale(terms["loss"]).backward()
+        scaler.scale(terms["loss"] * weight if weight != 1.0 else terms["loss"]).backward()
         return terms_log.stack(terms)
 
     def update() -> None:
@@ -214,23 +217,20 @@ def fit(
         if getattr(micro_batches, "lazy", False):
             group = [micro_batches.gather(b["index"]) for b in group]
         opt.zero_grad(set_to_none=True)
-        counts = {}
-        if len(group) > 1 or dist.world > 1:  # normalise every micro-batch by the whole batch's counts
-            counts = {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
-                      "sample_count": sum(b["x"].shape[0] for b in group)}
+        counts = _counts(group) if len(group) > 1 or dist.world > 1 else {}
         summed = None  # this step's terms on the device (in terms_log's order): reading them would wait for it
-        for batch in group[dist.rank * accumulate:(dist.rank + 1) * accumulate]:
-            values = forward_backward(prepare(batch, epoch), counts)
-            summed = values if summed is None else summed + values
-        if dist.world > 1:
-            scaler.unscale_(opt)
-            dist.sum_gradients_(params)
-            mine = summed.double() if summed is not None else torch.zeros(len(keys), dtype=torch.float64, device=device)
-            summed = dist.sum_(mine)
+        for batch, sync, weight in dist.share(group, accumulate):
+            with dist.no_sync(wrapped, sync):
+                values = forward_backward(prepare(batch, epoch), counts, weight=weight)
+            if weight:
+                summed = values if summed is None else summed + values
+        if dist.world > 1:  # a process with no samples adds zeros
+            summed = dist.sum_(summed.double() if summed is not None else torch.zeros(len(keys), dtype=torch.float64,
+                                                                                      device=device))
             terms_log.check_sums(summed, result.steps + 1)  # before the optimizer touches the weights
         update()
         scheduler.step()
-        dist.sync_module_(model)  # batch-norm statistics: rank 0's, as DDP does
+        dist.sync_buffers_(model, *parts)  # batch-norm statistics: rank 0's
         return summed
 
     for epoch in range(run.epoch, epochs + 1):
@@ -250,6 +250,7 @@ def fit(
             group.append(batch)
             if len(group) < group_size and position < len(micro_batches):
                 continue
+            objective.begin_step(result.steps / steps_per_epoch)
             n = sum(_samples(b) for b in group)
             terms_log.add(step(group, epoch), step=result.steps + 1, samples=n)
             run.seen += n
@@ -283,15 +284,8 @@ def fit(
         if val_batches is not None:
             val = evaluate(model, val_batches, objective=objective, with_loss=monitor == "loss")
             record.update({f"val_{k}": v for k, v in val.items()})
-            watched = monitor if val.get(monitor) is not None else "loss"
-            score = val[watched] * MONITORS[watched]  # higher is better
-            if result.best_score is None or score > result.best_score:
-                result.best_score, result.best_epoch, run.stale = score, epoch, 0
-                run.best_state = copy.deepcopy(model.state_dict())
-                if folder is not None:
-                    dist.on_main(lambda: save_weights(model, folder / "best.safetensors"))
-            else:
-                run.stale += 1
+            if _keep_if_best(val, monitor, epoch, result, run, model, objective) and folder is not None:
+                dist.on_main(lambda: save_weights(model, folder / "best.safetensors"))
         result.history.append(record)
         result.epochs = epoch
         if log is not None:
@@ -304,7 +298,8 @@ def fit(
     opt.zero_grad(set_to_none=True)
     result.graphed_steps = graphed.replays if graphed is not None else 0
     if run.best_state is not None:
-        model.load_state_dict(run.best_state)
+        _load_trained_state(run.best_state, model, objective)
+    objective.run_parts = objective.parts
     model.eval()
     return result
 
@@ -317,7 +312,7 @@ def _augmented(batch: dict, augment, epoch: int, views: int | None) -> dict:
     """The batch with each sample's view of this epoch, and that view's cached teacher logits."""
     view = augment.pick(batch["id"], epoch, views)
     batch = dict(batch, x=augment(batch["x"], batch["id"], view))
-    if batch.get("teacher_logits") is not None and batch["teacher_logits"].ndim == 3:  # (B, K, C) -> (B, C)
+    if batch.get("teacher_logits") is not None and views is not None:  # (B, K, ...) -> (B, ...)
         view = view.to(batch["teacher_logits"].device)
         batch["teacher_logits"] = batch["teacher_logits"][torch.arange(len(view), device=view.device), view]
     return batch
@@ -339,7 +334,8 @@ class _RunState:
 def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
               rngs) -> dict:
     return {
-        "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": opt.state_dict(),
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "method_parts": objective.parts_state(),
+        "optimizer": opt.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch,
         "done": done,
         "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen,
@@ -352,7 +348,7 @@ def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done
 def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitResult, *, rank: int) -> _RunState:
     model.load_state_dict(saved["model"])
     scaler.load_state_dict(saved["scaler"])
-    objective.load_state_dict(saved["objective"])
+    objective.load_parts_state(saved["method_parts"])
     opt.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_states(saved["rng"][rank])  # one per process, in rank order
@@ -363,6 +359,46 @@ def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitR
     return _RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
                      totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
                      best_state=saved["best_state"])
+
+
+def _trainables(model: nn.Module, objective, train_data, extras) -> tuple[torch.device, list, list]:
+    """The device, the method's trainable parts (built by its ``setup`` from one dry forward, when
+    it has one) and every trainable parameter: the optimizer's."""
+    device = next(model.parameters()).device
+    objective.to(device)  # its buffers (a warm-up factor, teacher weights) beside the student
+    if type(objective).setup is not Method.setup:
+        objective.setup(model, next(iter(build_loader(train_data, batch_size=64, extras=extras))))
+    parts = [objective.parts] if objective.parts is not None else []
+    return device, parts, trainable_parameters(model, *parts)
+
+
+def _counts(group: list[dict]) -> dict:
+    """The whole step's labeled and total sample counts: every micro-batch is normalised by them."""
+    return {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
+            "sample_count": sum(b["x"].shape[0] for b in group)}
+
+
+def _keep_if_best(val: dict, monitor: str, epoch: int, result: FitResult, run: _RunState, model, objective) -> bool:
+    """Score the epoch on ``monitor`` (the objective's loss without labels); keep the student's and
+    the method's parts' state when it is the best so far. Returns whether it was."""
+    watched = monitor if val.get(monitor) is not None else "loss"
+    score = val[watched] * MONITORS[watched]  # higher is better
+    if result.best_score is not None and score <= result.best_score:
+        run.stale += 1
+        return False
+    result.best_score, result.best_epoch, run.stale = score, epoch, 0
+    run.best_state = copy.deepcopy(_trained_state(model, objective))
+    return True
+
+
+def _trained_state(model: nn.Module, objective) -> dict:
+    """What training changes: the student's state and the method's trainable parts'."""
+    return {"model": model.state_dict(), "parts": objective.parts_state()}
+
+
+def _load_trained_state(state: dict, model: nn.Module, objective) -> None:
+    model.load_state_dict(state["model"])
+    objective.load_parts_state(state["parts"])
 
 
 def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> None:
