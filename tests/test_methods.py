@@ -149,6 +149,7 @@ def test_trainable_parts_are_optimised_checkpointed_restored_and_kept_out_of_the
     saved = torch.load(sorted((tmp_path / "a").glob("ckpt-*.pt"))[-1], weights_only=True)
     assert set(saved["method_parts"]) == {"weight", "bias"}
     assert set(result.model.state_dict()) == set(_student().state_dict())  # the student alone
+    assert set(method.state_dict()) == {"parts.weight", "parts.bias"}  # registered once, under one name
     # resumed from the mid-run checkpoint, the parts come back exactly
     clean = _LearnedBias()
     softkd.fit(_student(), digit_splits.train, objective=clean, epochs=2, batch_size=128,

@@ -109,13 +109,18 @@ class Method(GraphSafe, nn.Module):
         # that .to(device) and the CUDA-graph safety check see them.
         self.teachers = nn.ModuleList(Teacher(t) for t in teachers)
         self.parts: nn.Module | None = None  # trainable modules beyond the student (adapters)
-        self.run_parts: nn.Module | None = None  # what forward calls: parts, or their DDP wrapper
+        self.use_parts(None)
 
     def __getattr__(self, key: str):
         params = self.__dict__.get("params")
         if params is not None and key in type(params).model_fields:
             return getattr(params, key)  # self.temperature reads the validated parameter
         return super().__getattr__(key)
+
+    def use_parts(self, runner: nn.Module | None) -> None:
+        """What :meth:`forward` calls as ``self.run_parts``: the parts, or their DDP wrapper while
+        several processes train. Kept out of the module tree: the parts are registered once."""
+        object.__setattr__(self, "run_parts", runner)
 
     @property
     def teacher(self) -> Teacher | None:

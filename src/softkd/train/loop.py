@@ -163,7 +163,8 @@ def fit(
             terms_log.reset(run.totals)
     # With several processes every trainable module trains through DDP (gradients summed over
     # processes in the backward pass); the teacher never does. Processes start from rank 0's state.
-    student, objective.run_parts = dist.wrap(model), dist.wrap(objective.parts)
+    student = dist.wrap(model)
+    objective.use_parts(dist.wrap(objective.parts))
     wrapped = [m for m in (student, objective.run_parts) if m is not None]
 
     def checkpoint(epoch: int, done: int, epoch_start) -> None:
@@ -299,7 +300,7 @@ def fit(
     result.graphed_steps = graphed.replays if graphed is not None else 0
     if run.best_state is not None:
         _load_trained_state(run.best_state, model, objective)
-    objective.run_parts = objective.parts
+    objective.use_parts(objective.parts)
     model.eval()
     return result
 
@@ -365,9 +366,10 @@ def _trainables(model: nn.Module, objective, train_data, extras) -> tuple[torch.
     """The device, the method's trainable parts (built by its ``setup`` from one dry forward, when
     it has one) and every trainable parameter: the optimizer's."""
     device = next(model.parameters()).device
-    objective.to(device)  # its buffers (a warm-up factor, teacher weights) beside the student
     if type(objective).setup is not Method.setup:
-        objective.setup(model, next(iter(build_loader(train_data, batch_size=64, extras=extras))))
+        batch = next(iter(build_loader(train_data, batch_size=64, extras=extras)))
+        objective.setup(model, {k: v.to(device) for k, v in batch.items()})
+    objective.to(device)  # its parts and buffers (a warm-up factor, teacher weights) beside the student
     parts = [objective.parts] if objective.parts is not None else []
     return device, parts, trainable_parameters(model, *parts)
 
