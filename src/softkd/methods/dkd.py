@@ -59,6 +59,6 @@ class DKD(Method):
 
     def describe(self) -> str:
         p = self.params
-        warm = f", warm-up {p.warmup:g} epochs" if p.warmup else ""
+        warm = f", warm-up {p.warmup:g} epoch{'' if p.warmup == 1 else 's'}" if p.warmup else ""
         std = ", standardized" if p.standardize else ""
         return f"loss = {p.ce_weight:g}·ce + {p.alpha:g}·tckd + {p.beta:g}·nckd (T={p.temperature:g}{warm}{std})"

@@ -1,0 +1,144 @@
+"""The methods benchmark: recipes from configs/ run with `softkd run`, one result row per student,
+method and label regime, each beside its equal-budget scratch twin (mean ± std over seeds).
+
+    python benchmarks/methods.py run CONFIG... [--out runs/methods] [--results benchmarks/results/methods.json]
+    python benchmarks/methods.py table [--results benchmarks/results/methods.json]
+
+`run` runs each config in its own process (`python -m softkd.cli run CONFIG --out OUT/<name>`),
+timing it (`wall_s_this_call`: stages an earlier call left stamped are reused, not timed; each
+row's `train_s_per_student` is the mean training time of one student, read from the run's
+`metrics.jsonl`), and adds its rows to the results JSON as soon as it finishes (a rerun of a config
+replaces its rows), so a long list can be split across cores and stopped midway. `table`
+prints the README's table from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "methods.json"
+
+
+def run(configs: list[str], out: Path, results: Path) -> None:
+    for config in configs:
+        name = Path(config).stem
+        started = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", config, "--out", str(out / name)],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        report = json.loads((out / name / "report.json").read_text())
+        _save(results, name, rows(name, report, wall, stage_seconds(out / name / "metrics.jsonl")))
+        print(f"{name}: {wall / 60:.1f} min", flush=True)
+
+
+def stage_seconds(metrics: Path) -> dict[tuple[str, float], float]:
+    """Mean training seconds of one student, per (kind, labeled fraction): the sum of its epochs'
+    ``epoch_s``. A stage trained again (a run stopped midway, then rerun) counts its last try."""
+    epochs = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "epoch_s" in r and "kind" not in r:
+            epochs[r["stage"], r["labeled_fraction"], r["seed"], r["epoch"]] = r["epoch_s"]
+    per_student = {}
+    for (kind, fraction, seed, _), s in epochs.items():
+        per_student.setdefault((kind, fraction), {}).setdefault(seed, 0.0)
+        per_student[kind, fraction][seed] += s
+    return {k: sum(v.values()) / len(v) for k, v in per_student.items()}
+
+
+def rows(config: str, report: dict, wall_s: float, seconds: dict) -> list[dict]:
+    """One row per student and regime: what the README table shows, and the runs behind it."""
+    out = []
+    for student, entry in report["students"].items():
+        for regime, r in entry["regimes"].items():
+            fraction = r["labeled_fraction"]
+            out.append({
+                "config": config, "student": student, "params": entry["params"], "regime": regime,
+                "num_labeled": r["num_labeled"], "method": report["method"], "teacher": report["teacher"]["model"],
+                "teacher_accuracy": report["teacher"]["accuracy"],
+                "teachers": [{"model": t["model"], "accuracy": t["accuracy"]} for t in report.get("teachers", [])],
+                "scratch": r["scratch"]["accuracy"], "distilled": r["distilled"]["accuracy"],
+                "gap_recovered": r["gap_recovered"], "verdict": r["verdict"],
+                "ece": {"scratch": r["scratch"]["ece"]["mean"], "distilled": r["distilled"]["ece"]["mean"]},
+                "train_s_per_student": {kind: round(seconds[kind, fraction], 1)
+                                        for kind in ("scratch", "distilled") if (kind, fraction) in seconds},
+                "agreement": r["agreement"],
+                "wall_s_this_call": round(wall_s, 1), "softkd": report["versions"]["softkd"],
+                "torch": report["versions"]["torch"], "device": report["hardware"]["device"],
+            })
+    return out
+
+
+def _save(results: Path, config: str, new: list[dict]) -> None:
+    """Replace ``config``'s rows, under a lock: two `run`s (one per core) share the file."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = json.loads(results.read_text()) if results.exists() else []
+        kept = [r for r in kept if r["config"] != config] + new
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kept, indent=2) + "\n")
+        tmp.replace(results)
+
+
+METHOD_ORDER = ("soft-target", "dkd", "dist", "multi-teacher")
+
+
+def table(results: Path) -> str:
+    """The README's table: by student, then label regime (all labels first), then method."""
+    lines = ["| student | labels | method | loss | teacher | scratch | distilled | change | gap recovered "
+             "| ECE s → d | verdict | min per student (s / d) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    found = json.loads(results.read_text())
+    found.sort(key=lambda r: (r["student"], -r["num_labeled"], METHOD_ORDER.index(r["method"]["name"]),
+                              r["config"]))
+    for r in found:
+        change = 100 * (r["distilled"]["mean"] - r["scratch"]["mean"])
+        gap = "n/a" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f} %"
+        lines.append(
+            f"| {r['student']} | {r['regime'].removesuffix(' labels')} | `{r['method']['name']}` "
+            f"| {r['method']['formula'].removeprefix('loss = ')} | {100 * r['teacher_accuracy']:.1f} "
+            f"| {_ms(r['scratch'])} | {_ms(r['distilled'])} | {change:+.1f} | {gap} "
+            f"| {r['ece']['scratch']:.3f} → {r['ece']['distilled']:.3f} | {r['verdict'].split(':')[0]} "
+            f"| {_minutes(r.get('train_s_per_student', {}))} |")
+    return "\n".join(lines)
+
+
+def _minutes(seconds: dict) -> str:
+    return " / ".join(f"{seconds[k] / 60:.1f}" if k in seconds else "–" for k in ("scratch", "distilled"))
+
+
+def _ms(s: dict) -> str:
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p_run = sub.add_parser("run")
+    p_run.add_argument("configs", nargs="+")
+    p_run.add_argument("--out", type=Path, default=ROOT / "runs" / "methods")
+    p_run.add_argument("--results", type=Path, default=RESULTS)
+    p_table = sub.add_parser("table")
+    p_table.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.verb == "run":
+        run(args.configs, args.out, args.results)
+    else:
+        print(table(args.results))
+
+
+if __name__ == "__main__":
+    main()
