@@ -11,7 +11,7 @@ What a method declares:
 - ``Params``: its parameters (a pydantic model; an unknown or out-of-range one is a one-line
   error listing the method's parameters);
 - ``needs``: what it takes from the teacher: ``"logits"`` (cached or live), ``"features"``
-  (a live teacher, for intermediate outputs) or ``"none"``; and ``teachers``: how many
+  (a live teacher, for intermediate outputs) or ``"none"``; and ``teachers_needed``: how many
   (``"one"``, ``"several"`` or ``"none"``);
 - its trainable parts beyond the student (``parts``, e.g. adapters), built in :meth:`setup`
   from one dry forward before the optimizer exists; the training loop optimises, checkpoints,
