@@ -44,37 +44,42 @@ def run(configs: list[str], out: Path, results: Path) -> None:
 
 
 def stage_seconds(metrics: Path) -> dict[tuple[str, float], float]:
-    """Mean training seconds of one student, per (kind, labeled fraction): the sum of its epochs'
-    ``epoch_s``. A stage trained again (a run stopped midway, then rerun) counts its last try."""
+    """Mean training seconds of one student, per (kind, labeled fraction, peer name or ""): the sum
+    of its epochs' ``epoch_s`` (a mutual-learning cohort trains as one "distilled" run). A stage trained again (a run stopped midway, then rerun) counts its last try."""
     epochs = {}
     for line in metrics.read_text().splitlines():
         r = json.loads(line)
         if "epoch_s" in r and "kind" not in r:
-            epochs[r["stage"], r["labeled_fraction"], r["seed"], r["epoch"]] = r["epoch_s"]
+            epochs[r["stage"], r["labeled_fraction"], r.get("student", ""), r["seed"], r["epoch"]] = r["epoch_s"]
     per_student = {}
-    for (kind, fraction, seed, _), s in epochs.items():
-        per_student.setdefault((kind, fraction), {}).setdefault(seed, 0.0)
-        per_student[kind, fraction][seed] += s
+    for (kind, fraction, student, seed, _), s in epochs.items():
+        per_student.setdefault((kind, fraction, student), {}).setdefault(seed, 0.0)
+        per_student[kind, fraction, student][seed] += s
     return {k: sum(v.values()) / len(v) for k, v in per_student.items()}
 
 
 def rows(config: str, report: dict, wall_s: float, seconds: dict) -> list[dict]:
     """One row per student and regime: what the README table shows, and the runs behind it."""
     out = []
+    teacher = report.get("teacher")
     for student, entry in report["students"].items():
+        peer = student if "model" in entry else ""
         for regime, r in entry["regimes"].items():
             fraction = r["labeled_fraction"]
             out.append({
-                "config": config, "student": student, "params": entry["params"], "regime": regime,
-                "num_labeled": r["num_labeled"], "method": report["method"], "teacher": report["teacher"]["model"],
-                "teacher_accuracy": report["teacher"]["accuracy"],
+                "config": config, "student": f"{student} ({entry['model']})" if peer else student,
+                "params": entry["params"], "regime": regime,
+                "num_labeled": r["num_labeled"], "method": report["method"],
+                "teacher": teacher["model"] if teacher else None,
+                "teacher_accuracy": teacher["accuracy"] if teacher else None,
                 "teachers": [{"model": t["model"], "accuracy": t["accuracy"]} for t in report.get("teachers", [])],
                 "scratch": r["scratch"]["accuracy"], "distilled": r["distilled"]["accuracy"],
-                "gap_recovered": r["gap_recovered"], "verdict": r["verdict"],
+                "gap_recovered": r.get("gap_recovered"), "verdict": r["verdict"],
                 "ece": {"scratch": r["scratch"]["ece"]["mean"], "distilled": r["distilled"]["ece"]["mean"]},
-                "train_s_per_student": {kind: round(seconds[kind, fraction], 1)
-                                        for kind in ("scratch", "distilled") if (kind, fraction) in seconds},
-                "agreement": r["agreement"],
+                "train_s_per_student": {kind: round(seconds[key], 1) for kind, key in
+                                        (("scratch", ("scratch", fraction, peer)), ("distilled", ("distilled", fraction, "")))
+                                        if key in seconds},
+                "agreement": r.get("agreement"),
                 "wall_s_this_call": round(wall_s, 1), "softkd": report["versions"]["softkd"],
                 "torch": report["versions"]["torch"], "device": report["hardware"]["device"],
             })
@@ -93,7 +98,7 @@ def _save(results: Path, config: str, new: list[dict]) -> None:
         tmp.replace(results)
 
 
-METHOD_ORDER = ("soft-target", "dkd", "dist", "multi-teacher")
+METHOD_ORDER = ("soft-target", "dkd", "dist", "multi-teacher", "feature", "mutual")
 
 
 def table(results: Path) -> str:
@@ -109,7 +114,8 @@ def table(results: Path) -> str:
         gap = "n/a" if r["gap_recovered"] is None else f"{100 * r['gap_recovered']:.0f} %"
         lines.append(
             f"| {r['student']} | {r['regime'].removesuffix(' labels')} | `{r['method']['name']}` "
-            f"| {r['method']['formula'].removeprefix('loss = ')} | {100 * r['teacher_accuracy']:.1f} "
+            f"| {r['method']['formula'].removeprefix('loss = ')} | "
+            f"{'–' if r['teacher_accuracy'] is None else format(100 * r['teacher_accuracy'], '.1f')} "
             f"| {_ms(r['scratch'])} | {_ms(r['distilled'])} | {change:+.1f} | {gap} "
             f"| {r['ece']['scratch']:.3f} → {r['ece']['distilled']:.3f} | {r['verdict'].split(':')[0]} "
             f"| {_minutes(r.get('train_s_per_student', {}))} |")

@@ -428,3 +428,46 @@ def test_a_methods_trainable_parts_train_through_ddp_like_one_process(tmp_path):
     assert {k for k in weights[1] if k.startswith("parts.")} == {"parts.weight", "parts.bias"}
     for key in weights[1]:
         torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+FAMILY_SCRIPT = r"""
+import os, sys, torch, softkd
+from safetensors.torch import save_file
+from softkd.data.datasets import digits
+from softkd.models import build_model
+torch.set_num_threads(1)
+out, accumulate, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+splits = digits()
+x, y = splits.train.x[:416], splits.train.y[:416].clone()
+y[::3] = -1  # unlabeled samples: taught by the peers (mutual) or the teacher (feature) only
+torch.manual_seed(0)
+teacher = build_model("mlp-64", input_shape=(1, 8, 8), num_classes=10)
+torch.manual_seed(1)
+student = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)  # no batch norm: exact
+if method == "feature":
+    objective = softkd.build_method("feature", teachers=[softkd.Teacher(teacher)], student_layers=["2"],
+                                    teacher_layers=["2"])  # hints through a linear adapter
+else:
+    objective = softkd.build_method("mutual")
+result = softkd.fit(student, softkd.ArrayDataset(x, y), objective=objective, epochs=2, batch_size=128,
+                    accumulate=accumulate, optimizer="adamw", lr=0.01)
+if int(os.environ.get("RANK", "0")) == 0:
+    modules = dict(result.students, **({"adapters": objective.parts} if method == "feature" else {}))
+    save_file({f"{name or 'student'}.{k}": v.contiguous() for name, m in modules.items()
+               for k, v in m.state_dict().items()}, out + "/weights.safetensors")
+"""
+
+
+@pytest.mark.parametrize("method", ["mutual", "feature"])
+def test_the_feature_and_mutual_families_train_through_ddp_like_one_process(tmp_path, method):
+    (tmp_path / "family.py").write_text(FAMILY_SCRIPT)
+    weights = {}
+    for processes, accumulate in ((1, 1), (2, 2)):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        _launch([str(tmp_path / "family.py"), str(out), str(accumulate), method], processes=processes, cwd=tmp_path)
+        weights[processes] = load_file(out / "weights.safetensors")
+    assert {k.split(".")[0] for k in weights[1]} == ({"peer0", "peer1"} if method == "mutual" else
+                                                     {"student", "adapters"})
+    for key in weights[1]:
+        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -23,11 +23,13 @@ def test_stage_seconds_sum_epochs_per_student_and_count_a_retried_stage_once(tmp
         _epoch("distilled", 1.0, 0, 1, 20.0), _epoch("distilled", 1.0, 0, 2, 22.0),  # ...and its rerun
         _epoch("scratch", 1.0, 1, 1, 14.0), _epoch("scratch", 1.0, 1, 2, 16.0),
         _epoch("scratch", 0.03, 0, 1, 3.0),
+        dict(_epoch("scratch", 1.0, 0, 1, 7.0), student="peer1"),  # a cohort peer's own scratch twin
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     seconds = bench.stage_seconds(path)
-    assert seconds == {("scratch", 1.0): (22.0 + 30.0) / 2, ("distilled", 1.0): 42.0, ("scratch", 0.03): 3.0}
+    assert seconds == {("scratch", 1.0, ""): (22.0 + 30.0) / 2, ("distilled", 1.0, ""): 42.0,
+                       ("scratch", 0.03, ""): 3.0, ("scratch", 1.0, "peer1"): 7.0}
 
 
 def _row(config, name, num_labeled, distilled):
@@ -48,3 +50,20 @@ def test_table_orders_by_regime_then_method_and_shows_each_figure(tmp_path):
         ["100%", "`soft-target`"], ["100%", "`dkd`"], ["3%", "`dkd`"]]
     assert lines[3] == ("| mlp-128 | 100% | `dkd` | dkd | 93.0 | 88.0 ± 0.1 | 89.0 ± 0.1 | +1.0 | 20 % "
                         "| 0.020 → 0.010 | distillation helped | 1.0 / 1.5 |")
+
+
+def test_a_run_without_a_teacher_gives_rows_for_every_peer(tmp_path):
+    stats = {"mean": 0.9, "std": 0.01, "runs": [0.9]}
+    regime = {"labeled_fraction": 1.0, "num_labeled": 100, "scratch": {"accuracy": stats, "ece": {"mean": 0.02}},
+              "distilled": {"accuracy": stats, "ece": {"mean": 0.01}}, "verdict": "no clear difference"}
+    report = {"students": {"peer0": {"model": "tinycnn-16", "params": 10, "regimes": {"100% labels": regime}},
+                           "peer1": {"model": "mlp-128", "params": 20, "regimes": {"100% labels": regime}}},
+              "method": {"name": "mutual", "formula": "loss = mutual"}, "versions": {"softkd": "0.3.0", "torch": "x"},
+              "hardware": {"device": "cpu"}}
+    rows = bench.rows("m", report, 60.0, {("scratch", 1.0, "peer1"): 30.0, ("distilled", 1.0, ""): 90.0})
+    assert [r["student"] for r in rows] == ["peer0 (tinycnn-16)", "peer1 (mlp-128)"]
+    assert rows[0]["teacher"] is None and rows[0]["gap_recovered"] is None
+    assert rows[1]["train_s_per_student"] == {"scratch": 30.0, "distilled": 90.0}
+    results = tmp_path / "methods.json"
+    results.write_text(json.dumps(rows))
+    assert "| peer1 (mlp-128) | 100% | `mutual` | mutual | – | 90.0 ± 1.0 |" in bench.table(results)

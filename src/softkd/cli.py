@@ -127,8 +127,9 @@ def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> Non
         out = dist.broadcast_object(fresh_dir(out) if dist.is_main else None)
     with _progress() as progress:
         report = run_experiment(config, out_dir=out, progress=progress, resume=resume)
-    student = next(iter(report["students"]))
-    table = Table(title=f"{student} ← {report['teacher']['model']} on {report['data']['name']}: test accuracy % "
+    students = ", ".join(report["students"])
+    source = f"← {report['teacher']['model']}" if "teacher" in report else f"({report['method']['name']}, no teacher)"
+    table = Table(title=f"{students} {source} on {report['data']['name']}: test accuracy % "
                         f"({report['data']['test']} samples), mean ± std over {len(report['seeds'])} seed(s)")
     rows = table_rows(report)
     # Student in the title, params and verdict as sentences below: the rest fits 80 columns.
@@ -138,10 +139,13 @@ def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> Non
         table.add_column(header, no_wrap=True)
     for row in rows:
         cells = [row[1].removesuffix(" labels"), *row[2:-2]]
+        if len(report["students"]) > 1:
+            cells[0] = f"{row[0].split(' ')[0]} {cells[0]}"
         table.add_row(*(cell.replace(" → ", "→") for cell in cells))
     console.print(table)
     for row in rows:
-        console.print(f"{row[0]}, {row[1]}: {row[-1]} (params student / teacher: {row[-2]})", highlight=False)
+        params = "student / teacher" if "teacher" in report else "student"
+        console.print(f"{row[0]}, {row[1]}: {row[-1]} (params {params}: {row[-2]})", highlight=False)
     console.print(f"Run directory: {out} (config.yaml, metrics.jsonl, report.json, report.md)")
 
 
@@ -166,7 +170,8 @@ def validate(
     from softkd.config import load_config
 
     cfg = load_config(path, set_)
-    teachers = ("teachers " if cfg.teachers else "teacher ") + ", ".join(t.model for t in cfg.teacher_list)
+    teachers = ("teachers " if cfg.teachers else "teacher ") + ", ".join(t.model for t in cfg.teacher_list) \
+        if cfg.teacher_list else "no teacher"
     console.print(f"OK: {path} is a valid run config (data {cfg.data.name}, {teachers}, "
                   f"student {cfg.student.model}, method {cfg.method.name}).")
 
@@ -197,16 +202,25 @@ def _load_array(path: Path):
 
 @app.command("ls")
 @_user_errors
-def ls(what: str = typer.Argument("models", help="models, datasets or methods")):
+def ls(what: str = typer.Argument("models", help="models, datasets, methods or layers"),
+       model: Optional[str] = typer.Argument(None, help="for layers: a zoo name or 'package.module:factory'"),
+       input_shape: str = typer.Option("1,28,28", "--input-shape", help="for layers: one sample's shape"),
+       classes: int = typer.Option(10, "--classes", help="for layers: the number of classes")):
     """List the registered models (with parameter counts for 1×28×28 inputs and 10 classes),
-    datasets or methods."""
+    datasets or methods; `softkd ls layers MODEL` prints a model's module paths (what a feature
+    method taps) with each one's output shape.
+
+    Example: softkd ls layers resnet-64 --input-shape 1,28,28"""
     from softkd.data.datasets import DATASETS
     from softkd.methods import METHODS
     from softkd.models.zoo import MODELS
 
     registries = {"models": MODELS, "datasets": DATASETS, "methods": METHODS}
+    if what == "layers":
+        _list_layers(model, input_shape, classes)
+        return
     if what not in registries:
-        raise SoftKDError(f"Cannot list '{what}'; use one of: {', '.join(registries)}.")
+        raise SoftKDError(f"Cannot list '{what}'; use one of: {', '.join(registries)}, layers MODEL.")
     registry = registries[what]
     if what == "methods":
         _list_methods(registry)
@@ -221,6 +235,24 @@ def ls(what: str = typer.Argument("models", help="models, datasets or methods"))
                      for example in registry.examples(name)]
             line = f"{line:<16} params: {', '.join(sizes)}"
         console.print(line, highlight=False)
+
+
+def _list_layers(model: str | None, input_shape: str, classes: int) -> None:
+    import torch
+
+    from softkd.models.loading import resolve_model
+    from softkd.models.taps import layer_table
+
+    if not model:
+        raise SoftKDError("Name the model: softkd ls layers MODEL (e.g. softkd ls layers tinycnn-16).")
+    try:
+        shape = tuple(int(d) for d in input_shape.split(","))
+    except ValueError:
+        raise SoftKDError(f"--input-shape must be comma-separated sizes such as 1,28,28; got {input_shape!r}.") from None
+    net = resolve_model(model, input_shape=shape, num_classes=classes)
+    for path, kind, out in layer_table(net, torch.zeros(2, *shape)):
+        console.print(f"{path:<24} {kind:<20} {'not called' if out is None else '×'.join(map(str, out))}",
+                      highlight=False)
 
 
 NEEDS_TEXT = {"logits": "teacher logits (soft-label cache or live teacher)",
@@ -238,7 +270,8 @@ def _list_methods(registry) -> None:
         console.print(f"{name}" + (f"  (alias: {', '.join(aliases)})" if aliases else ""), style="bold",
                       highlight=False)
         console.print(f"  {cls.summary}", highlight=False)
-        console.print(f"  needs: {NEEDS_TEXT[cls.needs]}; {teachers}", highlight=False)
+        needs = NEEDS_TEXT[cls.needs] + ("" if cls.needs == "none" else f"; {teachers}")
+        console.print(f"  needs: {needs}", highlight=False)
         for param, default, bounds, description in parameter_table(cls):
             console.print(f"    {param:<12} default {default:<8} {bounds}", highlight=False)
             if description:
@@ -286,7 +319,8 @@ def cache_build(
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
 ):
     """Run the teacher once over the transfer set and store its raw logits (cache.dir, or the
-    run directory's cache/). An interrupted build resumes from its finished shards.
+    run directory's cache/) and, for method feature, its tapped features (<cache>/features/<path>/).
+    An interrupted build resumes from its finished shards.
 
     Example: softkd cache build configs/soft-target-tinycnn16_from_resnet64-fashion-mnist.yaml
     """

@@ -159,6 +159,10 @@ class CacheConfig(_Section):
     """Store only the k largest logits and the tail's mass (large label spaces)."""
     views: int = Field(1, ge=1)
     """Augmented views cached per sample (with ``data.augment``); each epoch trains on one of them."""
+    features: bool = True
+    """Feature methods read the teacher's tapped features from a cache built once beside the
+    soft-label cache (disk: samples × feature size × 2 bytes in fp16); false: the teacher runs on
+    every batch. With data.augment the teacher always runs live for features."""
     shard_size: int = Field(16384, ge=1)
     """Samples per shard file; shards are the unit of resuming and of splitting a build across processes."""
 
@@ -172,7 +176,8 @@ class OutputConfig(_Section):
 
 class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teacher: TeacherConfig | None = Field(default_factory=TeacherConfig)
+    """The teacher; ``null`` (or left out) for a method that trains without one (``mutual``)."""
     teachers: list[TeacherConfig] | None = None
     """Several teachers (method multi-teacher), each with the keys of ``teacher``, instead of ``teacher``."""
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -197,7 +202,16 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _teachers_fit_the_method(self):
-        several = method_class(self.method.name).teachers_needed == "several"
+        needed = method_class(self.method.name).teachers_needed
+        several = needed == "several"
+        if needed == "none":
+            if self.teachers is not None or ("teacher" in self.model_fields_set and self.teacher is not None):
+                raise ValueError(f"method '{self.method.name}' trains without a teacher (its peers teach each other); "
+                                 "remove 'teacher:' or set teacher: null")
+            self.__dict__["teacher"] = None  # the default teacher does not apply (no re-validation on assignment)
+            return self
+        if self.teacher is None and self.teachers is None:
+            raise ValueError(f"method '{self.method.name}' needs a teacher; give 'teacher:' (model and checkpoint)")
         if self.teachers is not None:
             if "teacher" in self.model_fields_set:
                 raise ValueError("give either 'teacher' (one) or 'teachers' (a list), not both")
@@ -212,8 +226,10 @@ class RunConfig(_Section):
 
     @property
     def teacher_list(self) -> list[TeacherConfig]:
-        """The run's teachers: ``teachers``, or the one ``teacher``."""
-        return list(self.teachers) if self.teachers is not None else [self.teacher]
+        """The run's teachers: ``teachers``, or the one ``teacher`` (none for a teacher-free method)."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        return [self.teacher] if self.teacher is not None else []
 
     @model_validator(mode="after")
     def _views_match_augmentation(self):

@@ -31,6 +31,8 @@ from softkd.models.zoo import count_params
 from softkd.report.run_log import RunLog, summary_writer
 from softkd.methods import build_method
 from softkd.report.summary import build_report, write_report
+from softkd.cache.for_run import open_or_build, transfer_logits
+from softkd.stages import augment_key, data_key, note_stale, read_stamp, stage_hash, train_key, write_stamp
 from softkd.train.distill import distill
 from softkd.train.loop import fit
 from softkd.train.distributed import Distributed
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
     from softkd.cache import SoftLabelCache
 
 KINDS = ("scratch", "distilled")
-STAMP_FORMAT = 2  # stage stamps written by softkd 0.2 (0.1's have no "format")
 
 
 def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
@@ -50,6 +51,10 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     With ``train.checkpoint_every`` each student run saves full state as it goes, and ``resume``
     continues an interrupted one from its last checkpoint. Returns the report. ``progress`` is
     an optional rich Progress.
+
+    Every student the method trains (one; or each peer of a mutual-learning cohort, trained
+    together) is saved as ``students/distilled[-<name>]-labels<f>-seed<s>`` beside its own scratch
+    twin (``scratch[-<name>]-...``: the same architecture, initial weights, data and budget).
 
     Under torchrun / accelerate launch every process runs this with the same arguments: each
     student trains data-parallel, the soft-label cache is built in shards across processes,
@@ -63,52 +68,94 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
             teachers = [Teacher(t) for t in teachers]
             method = build_method(config.method, teachers=teachers)
             each_test = [_predict_in_shares(t, splits.test, dist) for t in teachers]
-            test_labels = each_test[0][1]
-            teacher_test_logits = method.combined_teacher_logits([logits for logits, _ in each_test])
-            transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
+            teacher_test_logits = (method.combined_teacher_logits([logits for logits, _ in each_test]) if teachers
+                                   else None)
+            stages = _StudentStages(config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger,
+                                    resume)
             runs = []
             for fraction in config.data.fractions:
                 transfer = keep_labels(splits.train, fraction, seed=config.data.seed)
                 for seed in config.train.seeds:
                     for kind in KINDS:
-                        name = f"{kind}-labels{fraction:g}-seed{seed}"
-                        distilled = kind == "distilled"
-                        cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views"})
-                        key = _hash(teacher_key, _data_key(config), kind, fraction, seed, config.student,
-                                    _train_key(config),
-                                    method.key() if distilled else None, cache_key if distilled else None,
-                                    *_augment_key(config))
-                        stamp = out / "students" / f"{name}.json"
-                        result = _read_stamp(stamp, key)
-                        if result is None:
-                            _note_stale(stamp, logger)
-                            if distilled and transfer_logits is None and method.needs == "logits":
-                                transfer_logits = _transfer_logits(config, teachers, splits, out, logger)
-                            log = logger.bind(stage=kind, labeled_fraction=fraction, seed=seed)
-                            resume_from = _checkpoints(config, out / "students" / f"{name}.ckpt", resume)
-                            run_key = {"teacher": teacher_key, "kind": kind, "labeled_fraction": fraction,
-                                       "student": config.student.model_dump(mode="json"), "train": _train_key(config)}
-                            student = _train_student(kind, config, splits, transfer, teachers, transfer_logits,
-                                                     seed, log, checkpoint_dir=resume_from, resume=resume,
-                                                     run_key=run_key)
-                            logits, _ = _predict_in_shares(student, splits.test, dist)
-                            result = {
-                                "kind": kind, "labeled_fraction": fraction, "seed": seed,
-                                "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
-                                **classification_metrics(logits, test_labels),
-                                **teacher_metrics(logits, teacher_test_logits), "params": count_params(student),
-                            }
-                            dist.on_main(lambda: _save_student(out, name, student, key, result, resume_from))
-                        else:
-                            logger.skip(config.train.epochs, f"{name} (up to date)")
-                        runs.append(result)
+                        runs += stages.run(kind, transfer, fraction, seed)
+        test_labels = splits.test.y
         teacher_evals = [{"model": t.model, "params": count_params(m), **classification_metrics(logits, test_labels)}
                          for t, m, (logits, _) in zip(config.teacher_list, teachers, each_test)]
-        report = build_report(config, method, teacher_evals, classification_metrics(teacher_test_logits, test_labels),
-                              runs, splits)
+        teacher_eval = classification_metrics(teacher_test_logits, test_labels) if teachers else None
+        report = build_report(config, method, teacher_evals, teacher_eval, runs, splits)
         # The run directory is complete before any process returns.
         dist.on_main(lambda: write_report(report, out))
         return report
+
+
+class _StudentStages:
+    """The student stages of one experiment: for each regime, seed and kind, every student the
+    method trains (stamped, trained when its stamp does not match, evaluated on the test split)."""
+
+    def __init__(self, config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger, resume):
+        self.config, self.method, self.splits, self.teachers = config, method, splits, teachers
+        self.teacher_key, self.teacher_test_logits = teacher_key, teacher_test_logits
+        self.out, self.logger, self.resume = out, logger, resume
+        self.specs = method.student_specs(config.student.model)
+        self.transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
+        self.transfer_features = None  # a feature method's cached teacher features (see _transfer_features)
+
+    def run(self, kind: str, transfer, fraction: float, seed: int) -> list[dict]:
+        """Scratch: each student's twin, one run each. Distilled: one run trains them all."""
+        if kind == "scratch":
+            return [r for name in self.specs for r in self._stage(kind, transfer, fraction, seed, [name])]
+        return self._stage(kind, transfer, fraction, seed, list(self.specs))
+
+    def _stage(self, kind, transfer, fraction, seed, names) -> list[dict]:
+        config, method, dist = self.config, self.method, Distributed()
+        distilled = kind == "distilled"
+        cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views", "features"})
+        if method.needs == "features":  # cached (fp16) or live features: the same run, not the same arithmetic
+            cache_key["features"] = _features_cached(config)
+        files = {name: f"{kind}{'-' + name if name else ''}-labels{fraction:g}-seed{seed}" for name in names}
+        keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
+                                 train_key(config), method.key() if distilled else None,
+                                 cache_key if distilled else None, *augment_key(config),
+                                 *([{"student": name, "model": self.specs[name]}] if name else []))
+                for name in names}
+        stamps = {name: self.out / "students" / f"{files[name]}.json" for name in names}
+        results = [read_stamp(stamps[name], keys[name]) for name in names]
+        if all(r is not None for r in results):
+            for name in names:
+                self.logger.skip(config.train.epochs if name == names[0] else 0, f"{files[name]} (up to date)")
+            return results
+        for name in names:
+            note_stale(stamps[name], self.logger)
+        cached = method.needs == "logits" or (method.needs == "features" and _features_cached(config))
+        if distilled and self.transfer_logits is None and cached:
+            self.transfer_logits = transfer_logits(config, self.teachers, self.splits, self.out, self.logger)
+        if distilled and self.transfer_features is None and method.needs == "features" and cached:
+            self.transfer_features = [open_or_build(config, 0, self.teachers[0], self.splits, self.out,
+                                                           self.logger, tap=path).rows()
+                                      for path in method.params.teacher_layers]
+        twin = {"student": names[0]} if not distilled and names[0] else {}  # a peer's scratch twin
+        log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin)
+        resume_from = _checkpoints(config, self.out / "students" / f"{files[names[0]]}.ckpt", self.resume)
+        run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
+                   "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin}
+        trained = _train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
+                                  self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
+                                  resume=self.resume, run_key=run_key)
+        results = []
+        for name in names:
+            student = trained[name]
+            logits, labels = _predict_in_shares(student, self.splits.test, dist)
+            result = {"kind": kind, "labeled_fraction": fraction, "seed": seed,
+                      **({"student": name, "model": self.specs[name]} if name else {}),
+                      "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
+                      **classification_metrics(logits, labels),
+                      **(teacher_metrics(logits, self.teacher_test_logits) if self.teachers else {}),
+                      "params": count_params(student)}
+            dist.on_main(lambda: _save_student(self.out, files[name], student, keys[name], result))
+            results.append(result)
+        if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
+            shutil.rmtree(resume_from, ignore_errors=True)
+        return results
 
 
 def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
@@ -119,6 +166,9 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     if config.teachers is not None:
         raise ConfigError("'softkd teacher' trains the one 'teacher:' of a config; train each of 'teachers:' with a "
                           "config of its own and give its checkpoint.")
+    if config.teacher is None:
+        raise ConfigError(f"This config has no teacher to train: method '{config.method.name}' trains without one "
+                          "(run it with `softkd run`).")
     with _runtime(config):
         splits, teachers = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
@@ -131,73 +181,20 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
 def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> list[SoftLabelCache]:
     """Only the cache stage (``softkd cache build``): each teacher (loaded from its
     ``checkpoint`` or trained into ``out_dir``) runs once over the transfer set, its shards split
-    across processes under torchrun / accelerate launch. Returns the caches, in teacher order."""
+    across processes under torchrun / accelerate launch. Returns the caches, in teacher order, then
+    a feature method's feature caches (one per teacher layer) when its features are cached."""
+    if not config.teacher_list:
+        raise ConfigError(f"Method '{config.method.name}' trains without a teacher: there is no soft-label cache to build.")
     with _runtime(config):
         splits, teachers = _prepare(config)
         out = _open_run_dir(config, out_dir)
         with RunLog(out, progress, total=_teacher_epochs(config)) as logger:
             _teacher_stage(config, teachers, splits, out, logger)
-            return [_open_or_build_cache(config, i, Teacher(t), splits, out, logger) for i, t in enumerate(teachers)]
-
-
-def _transfer_logits(config: RunConfig, teachers: list[Teacher], splits: Splits, out: Path,
-                     logger) -> torch.Tensor | None:
-    """The teachers' raw logits on the transfer set, in its order: (N, C) for one teacher, (N, M, C)
-    for M, with a view axis after N for augmented views; from the soft-label caches, or computed
-    here when the cache is off; None when the teachers must run on every augmented batch."""
-    if not config.cache.enabled:
-        if config.data.augment is not None:
-            return None
-        loader = build_loader(splits.train, batch_size=inference_batch_size(teachers[0]))
-        each = [t.predict_logits(loader) for t in teachers]
-    else:
-        each = []
-        positions = torch.arange(len(splits.train))
-        for i, teacher in enumerate(teachers):
-            cache = _open_or_build_cache(config, i, teacher, splits, out, logger)
-            each.append(cache.logits(positions) if cache.views == 1 else
-                        torch.stack([cache.logits(positions, view=v) for v in range(cache.views)], 1))  # (N, K, C)
-    return each[0] if config.teachers is None else torch.stack(each, -2)
-
-
-def _open_or_build_cache(config: RunConfig, index: int, teacher: Teacher, splits: Splits, out: Path,
-                         logger) -> SoftLabelCache:
-    from softkd.cache import CacheError, SoftLabelCache, fingerprint, ids_sha256
-
-    d = config.data
-    augment = _augment(config)
-    expected = fingerprint(
-        teacher=teacher, dtype=config.cache.dtype, top_k=config.cache.top_k, views=config.cache.views,
-        augment_seed=augment.seed if augment is not None else None,
-        preprocessing={"augment": augment.describe()} if augment is not None else None,
-        data={"name": d.name, "path": d.path, "unlabeled_path": d.unlabeled_path, "split": "train",
-              "val_fraction": d.val_fraction, "seed": d.seed, "n": len(splits.train),
-              "ids_sha256": ids_sha256(splits.train.ids)},
-    )
-    folder, shared = _cache_folder(config, index, out)
-    if (folder / "manifest.json").exists():
-        try:
-            return SoftLabelCache.open(folder, fingerprint=expected)
-        except CacheError:
-            if shared:  # someone else's cache: never replace it behind their back
-                raise
-    logger.skip(0, "teacher → soft-label cache")
-    return SoftLabelCache.build(folder, teacher, splits.train, fingerprint=expected, dtype=config.cache.dtype,
-                                top_k=config.cache.top_k, views=config.cache.views,
-                                view_fn=augment if config.cache.views > 1 else None,
-                                shard_size=config.cache.shard_size, overwrite=not shared,
-                                batch_size=inference_batch_size(teacher))
-
-
-def _cache_folder(config: RunConfig, index: int, out: Path) -> tuple[Path, bool]:
-    """Teacher ``index``'s cache folder, and whether it is shared (named in the config: never
-    replaced). One teacher: ``cache.dir`` or ``<run>/cache``; several: each one's ``cache_dir``,
-    else ``teacher<i>`` inside those."""
-    own = config.teacher_list[index].cache_dir if config.teachers is not None else None
-    if own is not None:
-        return Path(own), True
-    base = Path(config.cache.dir) if config.cache.dir is not None else out / "cache"
-    return (base / f"teacher{index}" if config.teachers is not None else base), config.cache.dir is not None
+            caches = [open_or_build(config, i, Teacher(t), splits, out, logger) for i, t in enumerate(teachers)]
+            if build_method(config.method).needs == "features" and _features_cached(config):
+                caches += [open_or_build(config, 0, Teacher(teachers[0]), splits, out, logger, tap=path)
+                           for path in config.method.teacher_layers]
+            return caches
 
 
 def _prepare(config: RunConfig, *, load: bool = True):
@@ -228,6 +225,7 @@ def _prepare(config: RunConfig, *, load: bool = True):
         teachers.append(teacher.to(select_device(config.train.device)))
     student = resolve_model(config.student.model, input_shape=shape, num_classes=classes, kwargs=config.student.kwargs)
     check_num_classes(student, input_shape=shape, num_classes=classes, role="student")
+    build_method(config.method).check_models(student, teachers)  # e.g. a feature method's layer paths
     return splits, teachers
 
 
@@ -244,11 +242,9 @@ def _predict_in_shares(model, data, dist: Distributed) -> tuple[torch.Tensor, to
     return torch.cat([logits for logits, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
-def _save_student(out: Path, name: str, student, key: str, result: dict, resume_from: Path | None) -> None:
+def _save_student(out: Path, name: str, student, key: str, result: dict) -> None:
     save_weights(student, out / "students" / f"{name}.safetensors")
-    _write_stamp(out / "students" / f"{name}.json", key, result)
-    if resume_from is not None:  # finished: its weights and stamp replace them
-        shutil.rmtree(resume_from, ignore_errors=True)
+    write_stamp(out / "students" / f"{name}.json", key, result)
 
 
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
@@ -267,17 +263,20 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
                    resume: bool = False) -> str:
     """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key
     (several teachers: all loaded, the key of their checkpoints)."""
+    if not teachers:
+        logger.skip(0, f"no teacher (method '{config.method.name}' trains without one)")
+        return stage_hash("no teacher")
     if config.teachers is not None:
         logger.skip(0, f"{len(teachers)} teachers (loaded)")
-        return _hash("checkpoints", [hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest()
+        return stage_hash("checkpoints", [hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest()
                                      for t in config.teachers])
     t, teacher = config.teacher, teachers[0]
     if t.checkpoint:
         logger.skip(t.epochs, "teacher (loaded)")
-        return _hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
-    key = _hash(config.data.model_dump(exclude={"labeled_fraction"}), t.model_dump(exclude={"checkpoint"}))
+        return stage_hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
+    key = stage_hash(config.data.model_dump(exclude={"labeled_fraction"}), t.model_dump(exclude={"checkpoint"}))
     weights = out / "teacher.safetensors"
-    if _read_stamp(out / "teacher.json", key) is not None and weights.is_file():
+    if read_stamp(out / "teacher.json", key) is not None and weights.is_file():
         load_weights(teacher, weights)
         logger.skip(t.epochs, "teacher (up to date)")
         return key
@@ -303,7 +302,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
         (out / "teacher-last.safetensors").unlink(missing_ok=True)
         shutil.rmtree(out / "teacher.ckpt", ignore_errors=True)
         logits, labels = predict(teacher, build_loader(splits.test, batch_size=inference_batch_size(teacher)))
-        _write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
+        write_stamp(out / "teacher.json", key, {"model": t.model, "params": count_params(teacher),
                                                  "data": config.data.name,
                                                  "test": classification_metrics(logits, labels)})
 
@@ -320,15 +319,16 @@ def _checkpoints(config: RunConfig, folder: Path, resume: bool) -> Path | None:
     return folder
 
 
-def _train_student(kind, config: RunConfig, splits: Splits, transfer, teachers, transfer_logits, seed: int, log,
-                   **checkpointing):
-    """The same architecture, initialisation, data and budget; only the objective differs."""
+def _train_students(kind, config: RunConfig, method, splits: Splits, transfer, teachers, transfer_logits,
+                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> dict:
+    """The students ``names`` of one stage, trained, by name: each from the same initial weights and
+    with the same data and budget as its twin of the other kind; only the objective differs."""
     torch.manual_seed(seed)
-    student = resolve_model(config.student.model, input_shape=splits.train.input_shape,
-                            num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
+    first = resolve_model(config.student.model, input_shape=splits.train.input_shape,
+                          num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
     train = config.train
     device = select_device(train.device)
-    student = student.to(device)
+    first = first.to(device)
     transfer, val, transfer_logits = resident(device, transfer, splits.val, transfer_logits)
     budget = dict(val_data=val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
                   accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
@@ -340,35 +340,21 @@ def _train_student(kind, config: RunConfig, splits: Splits, transfer, teachers, 
                   log_every=train.log_every, **checkpointing)
     augment = _augment(config)
     if kind == "scratch":  # the same views as the distilled student
+        student = first if names == [""] else method.build_students(
+            first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
         views = config.cache.views if augment is not None and config.cache.enabled else None
-        return fit(student, transfer, augment=augment, views=views, **budget).model
-    return distill(student, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
-                   augment=augment, **budget).model
+        return {names[0]: fit(student, transfer, augment=augment, views=views, **budget).model}
+    return distill(first, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
+                   teacher_features=transfer_features, augment=augment, **budget).students
 
 
-def _data_key(config: RunConfig) -> dict:
-    """The data a student trains and is validated on (a loaded teacher's key does not cover it)."""
-    return config.data.model_dump(mode="json", exclude={"labeled_fraction", "augment", "shift"})
+def _features_cached(config: RunConfig) -> bool:
+    """Whether a feature method reads cached teacher features (else the teacher runs on every batch)."""
+    return config.cache.enabled and config.cache.features and config.data.augment is None
 
 
 def _augment(config: RunConfig):
     return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
-
-
-def _augment_key(config: RunConfig) -> list:
-    """Augmentation settings for a student's stamp (nothing without augmentation, so runs
-    stamped before augmentation existed stay valid)."""
-    if config.data.augment is None:
-        return []
-    views = config.cache.views if config.cache.enabled else None
-    return [{"augment": config.data.augment, "shift": config.data.shift, "views": views}]
-
-
-def _train_key(config: RunConfig) -> dict:
-    """Training settings that change what a student learns (not how often it is checkpointed, nor
-    threads or deterministic algorithms, which only change how the arithmetic is scheduled)."""
-    return config.train.model_dump(mode="json", exclude={"seeds", "threads", "checkpoint_every", "keep_last",
-                                                         "log_every", "deterministic", "cuda_graphs"})
 
 
 @contextmanager
@@ -378,41 +364,13 @@ def _runtime(config: RunConfig):
         yield
 
 
-def _hash(*parts) -> str:
-    def plain(part):
-        return part.model_dump(mode="json") if hasattr(part, "model_dump") else part
-
-    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_stamp(path: Path, key: str):
-    try:
-        stamp = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp.get("result") if stamp.get("key") == key else None
-
-
-def _write_stamp(path: Path, key: str, result: dict) -> None:
-    atomic_write_text(path, json.dumps({"key": key, "format": STAMP_FORMAT, "result": result}, indent=2))
-
-
-def _note_stale(path: Path, logger: RunLog) -> None:
-    """Say so when a student is trained again because softkd 0.1 wrote its stamp (0.2 changed
-    every distilled student's key: the method's own parameters are in it)."""
-    try:
-        stamp = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if "format" not in stamp:
-        logger.note(f"{path.stem}: written by softkd 0.1 with the old method settings; training it again.")
-
-
 def _teacher_epochs(config: RunConfig) -> int:
-    return 0 if config.teachers is not None else config.teacher.epochs
+    return 0 if config.teachers is not None or config.teacher is None else config.teacher.epochs
 
 
 def _count_epochs(config: RunConfig) -> int:
-    students = len(config.data.fractions) * len(config.train.seeds) * len(KINDS)
+    from softkd.methods import method_class
+
+    peers = len(method_class(config.method.name)(config.method).student_specs(config.student.model))
+    students = len(config.data.fractions) * len(config.train.seeds) * (peers + 1)  # one cohort run, N scratch
     return _teacher_epochs(config) + students * config.train.epochs

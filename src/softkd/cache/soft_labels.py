@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -192,6 +193,17 @@ class SoftLabelCache:
         else:
             logits = torch.from_numpy(log_tail - np.float32(math.log(c - k)))[:, None].expand(n, c).clone()
         return logits.scatter_(1, torch.from_numpy(indices), torch.from_numpy(values))
+
+    def rows(self, view: int = 0) -> torch.Tensor:
+        """Every sample's stored row of one view, (N, C), in the stored dtype and without a copy
+        when the cache is one shard (memory-mapped: pages are read as batches touch them). Dense
+        caches only; this is how a feature cache (:mod:`softkd.cache.features`) is read."""
+        if self.top_k is not None:
+            raise CacheError(f"rows() reads dense caches; '{self.folder}' stores the top {self.top_k} only.")
+        with warnings.catch_warnings():  # read-only mapping: nothing writes to these tensors
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            parts = [torch.from_numpy(np.asarray(self._shard(i))[:, view]) for i in range(len(self.manifest["shards"]))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def verify(self) -> None:
         """Re-hash every shard against the manifest; a changed or truncated shard is an error."""

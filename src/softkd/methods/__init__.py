@@ -6,11 +6,13 @@ from softkd.methods.base import (METHODS, Method, MethodParams, build_method, bu
                                  method_params, register_method)
 from softkd.methods.dist import DIST
 from softkd.methods.dkd import DKD
+from softkd.methods.feature import Feature
 from softkd.methods.multi_teacher import MultiTeacher
+from softkd.methods.mutual import Mutual
 from softkd.methods.soft_target import SoftTarget
 from softkd.methods.supervised import Supervised
 
 OBJECTIVES = METHODS  # the registry's name before 0.2
 
-__all__ = ["DIST", "DKD", "METHODS", "Method", "MethodParams", "MultiTeacher", "OBJECTIVES", "SoftTarget",
+__all__ = ["DIST", "DKD", "Feature", "METHODS", "Method", "MethodParams", "MultiTeacher", "Mutual", "OBJECTIVES", "SoftTarget",
            "Supervised", "build_method", "build_objective", "method_class", "method_params", "register_method"]

@@ -13,10 +13,13 @@ What a method declares:
 - ``needs``: what it takes from the teacher: ``"logits"`` (cached or live), ``"features"``
   (a live teacher, for intermediate outputs) or ``"none"``; and ``teachers_needed``: how many
   (``"one"``, ``"several"`` or ``"none"``);
-- its trainable parts beyond the student (``parts``, e.g. adapters), built in :meth:`setup`
-  from one dry forward before the optimizer exists; the training loop optimises, checkpoints,
-  restores (best epoch) and synchronises them (DDP) with the student. Teachers are frozen and
-  never in a checkpoint;
+- its trainable parts beyond the student (``parts``, e.g. adapters or the other peers of a
+  cohort), built in :meth:`setup` from one dry forward before the optimizer exists; the training
+  loop optimises, checkpoints, restores (best epoch) and synchronises them (DDP) with the
+  student. Teachers are frozen and never in a checkpoint;
+- the students a run yields (:meth:`student_specs`, :meth:`build_students`, :meth:`students`):
+  the one student by default, every peer for mutual learning; each is validated, saved,
+  reported against its own scratch twin and exportable by name;
 - :meth:`forward`: the loss terms of a batch, with the weights applied in one visible place,
   and :meth:`describe`: the formula the report and logs print.
 """
@@ -126,9 +129,28 @@ class Method(GraphSafe, nn.Module):
     def teacher(self) -> Teacher | None:
         return self.teachers[0] if len(self.teachers) else None
 
-    def setup(self, model: nn.Module, batch: dict) -> None:
-        """Build trainable parts (``self.parts``) whose shapes one dry forward of ``batch`` tells;
-        called by the training loop before the optimizer is built. Most methods have none."""
+    def setup(self, model: nn.Module, batch: dict, *, seed: int = 0) -> None:
+        """Build trainable parts (``self.parts``) whose shapes one dry forward of ``batch`` tells
+        (:func:`dry_forward`); called by the training loop, with the run's ``seed``, before the
+        optimizer is built. Most methods have none."""
+
+    def check_models(self, student: nn.Module, teachers=()) -> None:
+        """Refuse, with a one-line error, a student or teacher (plain modules) this method cannot
+        use, e.g. a module path that is not there; the pipeline calls it before anything is written."""
+
+    def student_specs(self, student: str) -> dict[str, str]:
+        """The students a run of this method trains, by name, each with its architecture (the
+        config's ``student`` model is the first): one student, named ``""``, by default."""
+        return {"": student}
+
+    def build_students(self, first: nn.Module, *, seed: int, input_shape, num_classes: int) -> dict[str, nn.Module]:
+        """Every student of :meth:`student_specs`, freshly initialised, ``first`` (built from the
+        run's seed) the first: a pipeline trains each one's scratch twin from these weights."""
+        return {"": first}
+
+    def students(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The trained students, by name (names as :meth:`student_specs`)."""
+        return {"": model}
 
     def begin_step(self, epochs_done: float) -> None:
         """Called before every training step with the epochs done so far (a fraction). A method
@@ -163,6 +185,18 @@ class Method(GraphSafe, nn.Module):
         for teacher in self.teachers:
             teacher.train(False)
         return self
+
+
+@torch.no_grad()
+def dry_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode, without gradients: shapes for :meth:`Method.setup`, with no
+    change to the model (batch-norm statistics included)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -244,6 +278,6 @@ def parameter_table(cls: type[Method]) -> list[tuple[str, str, str, str]]:
         if not bounds and choices and all(isinstance(a, str) for a in choices):
             bounds.append(" | ".join(choices))
         kind = getattr(field.annotation, "__name__", None) if not bounds else None
-        rows.append((name, repr(field.default), ", ".join(bounds) or kind or str(field.annotation),
+        rows.append((name, "required" if field.is_required() else repr(field.default), ", ".join(bounds) or kind or str(field.annotation),
                      field.description or ""))
     return rows

@@ -44,7 +44,8 @@ class RunLog:
             self.board.close()
 
     def bind(self, **tags):
-        job = "-".join([tags["stage"]] + [f"{k.split('_')[0]}{v:g}" for k, v in tags.items() if k != "stage"])
+        job = "-".join([tags["stage"]] + [v if isinstance(v, str) else f"{k.split('_')[0]}{v:g}"
+                                          for k, v in tags.items() if k != "stage"])
 
         def log(record: dict) -> None:
             if self.file is None:

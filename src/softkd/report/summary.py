@@ -40,46 +40,57 @@ def verdict(scratch: dict, distilled: dict) -> str:
     return f"no clear difference: {points} is within 2 standard errors ({100 * 2 * se:.1f})"
 
 
-SCHEMA_VERSION = 2
-"""report.json's layout. 2 (softkd 0.2): ``schema_version``, ``method`` holds the method's own
+SCHEMA_VERSION = 3
+"""report.json's layout. 3 (softkd 0.3): a run without a teacher (``mutual``) has no ``teacher``
+and no per-regime ``teacher``, ``gap_recovered`` or ``agreement``; ``students`` is keyed by peer
+name (``peer0``...) with each peer's ``model`` when the method trains several. 2 (softkd 0.2): ``schema_version``, ``method`` holds the method's own
 parameters and its ``formula``, ``teachers`` lists each teacher when there are several (``teacher``
 is then their ensemble). 1 (0.1, no ``schema_version``): ``method`` with temperature and beta."""
 
 
-def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict, runs: list[dict], splits) -> dict:
+def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict | None, runs: list[dict],
+                 splits) -> dict:
     """``teacher_evals``: each teacher's test metrics (model, params, accuracy...); ``teacher_eval``:
-    what they predict together (the one teacher's, or the ensemble's)."""
+    what they predict together (the one teacher's, or the ensemble's); both empty / None for a
+    method without a teacher, whose report then has no teacher fields. One entry per student the
+    method trains (the student, or each peer by name), each beside its own scratch twin."""
     import softkd
 
-    regimes = {}
-    for fraction in config.data.fractions:
-        by_kind = {
-            kind: [r for r in runs if r["kind"] == kind and r["labeled_fraction"] == fraction]
-            for kind in ("scratch", "distilled")
-        }
-        entry = {"labeled_fraction": fraction, "num_labeled": by_kind["distilled"][0]["num_labeled"],
-                 "transfer_size": by_kind["distilled"][0]["transfer_size"],
-                 "teacher": {"accuracy": stats([teacher_eval["accuracy"]])}}
-        for kind, kind_runs in by_kind.items():
-            entry[kind] = {m: stats([r[m] for r in kind_runs]) for m in ("accuracy", "ece", "nll", "agreement")}
-        teacher_acc = teacher_eval["accuracy"]
-        scratch_acc, distilled_acc = entry["scratch"]["accuracy"]["mean"], entry["distilled"]["accuracy"]["mean"]
-        entry["gap_recovered"] = (
-            (distilled_acc - scratch_acc) / (teacher_acc - scratch_acc) if teacher_acc > scratch_acc else None
-        )
-        entry["agreement"] = entry["distilled"]["agreement"]
-        entry["ece"] = entry["distilled"]["ece"]
-        entry["params"] = by_kind["distilled"][0]["params"]
-        entry["verdict"] = verdict(entry["scratch"]["accuracy"], entry["distilled"]["accuracy"])
-        regimes[f"{fraction:.0%} labels"] = entry
-    teacher = dict(teacher_evals[0]) if len(teacher_evals) == 1 else {
-        "model": f"ensemble of {len(teacher_evals)} ({', '.join(t['model'] for t in teacher_evals)})",
-        "params": sum(t["params"] for t in teacher_evals), **teacher_eval}
+    metrics = ("accuracy", "ece", "nll", *(("agreement",) if teacher_eval else ()))
+    students = {}
+    for name, model in method.student_specs(config.student.model).items():
+        regimes = {}
+        for fraction in config.data.fractions:
+            by_kind = {kind: [r for r in runs if r["kind"] == kind and r["labeled_fraction"] == fraction
+                              and r.get("student", "") == name] for kind in ("scratch", "distilled")}
+            first = by_kind["distilled"][0]
+            entry = {"labeled_fraction": fraction, "num_labeled": first["num_labeled"],
+                     "transfer_size": first["transfer_size"]}
+            for kind, kind_runs in by_kind.items():
+                entry[kind] = {m: stats([r[m] for r in kind_runs]) for m in metrics}
+            scratch_acc, distilled_acc = entry["scratch"]["accuracy"]["mean"], entry["distilled"]["accuracy"]["mean"]
+            if teacher_eval is not None:
+                teacher_acc = teacher_eval["accuracy"]
+                entry["teacher"] = {"accuracy": stats([teacher_acc])}
+                entry["gap_recovered"] = ((distilled_acc - scratch_acc) / (teacher_acc - scratch_acc)
+                                          if teacher_acc > scratch_acc else None)
+                entry["agreement"] = entry["distilled"]["agreement"]
+            entry["ece"] = entry["distilled"]["ece"]
+            entry["params"] = first["params"]
+            entry["verdict"] = verdict(entry["scratch"]["accuracy"], entry["distilled"]["accuracy"])
+            regimes[f"{fraction:.0%} labels"] = entry
+        params = regimes[next(iter(regimes))]["params"]
+        students[name or model] = {**({"model": model} if name else {}), "params": params, "regimes": regimes}
+    teacher = None
+    if teacher_evals:
+        teacher = dict(teacher_evals[0]) if len(teacher_evals) == 1 else {
+            "model": f"ensemble of {len(teacher_evals)} ({', '.join(t['model'] for t in teacher_evals)})",
+            "params": sum(t["params"] for t in teacher_evals), **teacher_eval}
     return {
         "schema_version": SCHEMA_VERSION,
-        "teacher": teacher,
+        **({"teacher": teacher} if teacher is not None else {}),
         **({"teachers": teacher_evals} if len(teacher_evals) > 1 else {}),
-        "students": {config.student.model: {"params": regimes[next(iter(regimes))]["params"], "regimes": regimes}},
+        "students": students,
         "data": {"name": config.data.name, "train": len(splits.train),
                  "val": len(splits.val) if splits.val is not None else 0, "test": len(splits.test)},
         "method": {**method.key(), "formula": method.describe()},
@@ -95,16 +106,19 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict, 
 def table_rows(report: dict) -> list[list[str]]:
     """One row per student and regime: the figures a user needs to judge the distillation."""
     rows = []
+    teacher = report.get("teacher")
     for student, entry in report["students"].items():
+        label = f"{student} ({entry['model']})" if "model" in entry else student
         for regime, r in entry["regimes"].items():
-            gap = r["gap_recovered"]
+            gap = r.get("gap_recovered")
             rows.append([
-                student, regime, _pct(r["teacher"]["accuracy"]["mean"]),
+                label, regime, _pct(r["teacher"]["accuracy"]["mean"]) if teacher else "–",
                 _mean_std(r["scratch"]["accuracy"]), _mean_std(r["distilled"]["accuracy"]),
                 "n/a" if gap is None else f"{100 * gap:.0f}%",
-                f"{_pct(r['scratch']['agreement']['mean'])} → {_pct(r['distilled']['agreement']['mean'])}",
+                f"{_pct(r['scratch']['agreement']['mean'])} → {_pct(r['distilled']['agreement']['mean'])}"
+                if teacher else "–",
                 f"{r['scratch']['ece']['mean']:.3f} → {r['distilled']['ece']['mean']:.3f}",
-                f"{entry['params']:,} / {report['teacher']['params']:,}",
+                f"{entry['params']:,} / {teacher['params']:,}" if teacher else f"{entry['params']:,}",
                 r["verdict"],
             ])
     return rows
@@ -126,16 +140,22 @@ def write_report(report: dict, out: Path) -> None:
     atomic_write_text(out / "report.md", "\n".join([
         f"# softkd report: {report['data']['name']}",
         "",
-        f"Teacher `{report['teacher']['model']}`, method `{report['method']['name']}`: "
+        (f"Teacher `{report['teacher']['model']}`, method" if "teacher" in report else "No teacher, method") +
+        f" `{report['method']['name']}`: "
         f"{report['method']['formula']}.{_teachers_line(report)} Accuracy on the "
         f"{report['data']['test']}-sample test split, mean ± std over {seeds} seed(s); scratch and distilled "
-        "students share architecture, initialisation, data and step budget.",
+        "students share architecture, initialisation, data and step budget" +
+        ("; each peer of the cohort is beside its own scratch twin." if _has_peers(report) else "."),
         "",
         markdown_table(report),
         "",
         _hardware_line(report),
         "",
     ]))
+
+
+def _has_peers(report: dict) -> bool:
+    return any("model" in entry for entry in report["students"].values())
 
 
 def _teachers_line(report: dict) -> str:

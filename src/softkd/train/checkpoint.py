@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from softkd.errors import ConfigError, DataError, first_line
 from softkd.utils import atomic_write_bytes
@@ -94,3 +96,62 @@ def diff_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+# What fit() keeps beyond FitResult, and how a checkpoint is made from it and put back.
+
+
+@dataclass
+class RunState:
+    """Where a run is, beyond what FitResult reports: what resuming needs."""
+
+    epoch: int = 1
+    done: int = 0  # micro-batches of this epoch already trained on
+    epoch_start: torch.Tensor | None = None  # the data-order generator's state when the epoch began (resuming)
+    totals: dict = field(default_factory=dict)
+    seen: int = 0
+    stale: int = 0
+    best_state: dict | None = None
+
+
+def snapshot(model, objective, opt, scheduler, scaler, result, run: RunState, epoch, done, epoch_start, run_key,
+             rngs) -> dict:
+    """The full state of a run (a ``fit`` FitResult ``result`` and its RunState ``run``) for save_checkpoint."""
+    return {
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "method_parts": objective.parts_state(),
+        "optimizer": opt.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch,
+        "done": done,
+        "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen,
+        "stale": run.stale,
+        "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
+        "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
+    }
+
+
+def restore(saved: dict, model, objective, opt, scheduler, scaler, result, *, rank: int) -> RunState:
+    """Put a :func:`snapshot` back: weights, method parts, optimizer, scheduler, scaler, this
+    process's RNG states and ``result``'s progress; returns where the run was."""
+    model.load_state_dict(saved["model"])
+    scaler.load_state_dict(saved["scaler"])
+    objective.load_parts_state(saved["method_parts"])
+    opt.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_states(saved["rng"][rank])  # one per process, in rank order
+    result.steps, result.history = saved["step"], list(saved["history"])
+    result.best_score, result.best_epoch = saved["best_score"], saved["best_epoch"]
+    result.stopped_by = saved["stopped_by"]
+    result.epochs = saved["epoch"] - 1
+    return RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
+                    totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
+                    best_state=saved["best_state"])
+
+
+def trained_state(model: nn.Module, objective) -> dict:
+    """What training changes: the student's state and the method's trainable parts'."""
+    return {"model": model.state_dict(), "parts": objective.parts_state()}
+
+
+def load_trained_state(state: dict, model: nn.Module, objective) -> None:
+    model.load_state_dict(state["model"])
+    objective.load_parts_state(state["parts"])

@@ -35,16 +35,19 @@ def distill(
     val_data=None,
     soft_targets: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    teacher_features: list[torch.Tensor] | None = None,
     augment=None,
     **kwargs,
 ) -> FitResult:
     """Distill ``teacher`` into ``student`` on the transfer set ``train_data`` with ``method``.
 
-    ``method``: a registered name (``softkd ls methods``: soft-target, dkd, dist, multi-teacher)
+    ``method``: a registered name (``softkd ls methods``: soft-target, dkd, dist, multi-teacher,
+    feature, mutual)
     or its params; the method's parameters are keyword arguments with the config's names, e.g.
     ``distill(student, teacher, data, method="dkd", beta=8.0, epochs=10)``. Other keyword
     arguments go to :func:`softkd.fit` (epochs, max_steps, patience, lr, weight_decay = λ, ...).
-    ``teacher``: a model, or a list of models for ``multi-teacher``.
+    ``teacher``: a model, a list of models for ``multi-teacher``, or None for ``mutual`` (its
+    peers teach each other; ``result.students`` holds every trained peer by name).
 
     ``train_data``: a ``Dataset`` (items ``(x, y)``, ``x`` or dicts; label -1 = unlabeled), an
     ``(x, y)`` tuple of tensors, or a ``DataLoader`` (then the teacher runs on every batch).
@@ -60,6 +63,11 @@ def distill(
     soft-label cache built with the same augment), or the teacher runs on every augmented batch.
     Static targets (one row per sample) with augmentation are refused: they would teach each view
     with another view's answer.
+
+    ``teacher_features`` (method ``feature``): the teacher's outputs at each ``teacher_layers``
+    path for ``train_data`` in order, one (N, D) tensor per path (flattened; any dtype, e.g. a
+    memory-mapped fp16 feature cache), given with ``teacher_logits``: the teacher then never runs
+    during training.
     """
     params, fit_kwargs = _split_arguments(method, kwargs)
     teachers = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
@@ -90,6 +98,11 @@ def distill(
             logits = [t.predict_logits(loader) for t in teachers]
             teacher_logits = logits[0] if per_sample_ndim == 2 else torch.stack(logits, 1)
         extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
+    elif cls.needs == "features" and teacher_logits is not None:
+        extras = {"teacher_logits": torch.as_tensor(teacher_logits).float()}
+    if teacher_features is not None:
+        _check_features(cls, teacher_features, teacher_logits, augment, len(train))
+        extras = {**extras, **{f"teacher_feature{i}": f for i, f in enumerate(teacher_features)}}
     if extras:
         _validate(extras, soft_targets is not None, len(train), getattr(objective.params, "temperature", 1.0))
     targets = next(iter(extras.values())) if extras else None
@@ -109,6 +122,16 @@ def _split_arguments(method, kwargs: dict) -> tuple[MethodParams, dict]:
                           f"{', '.join(sorted(fields))}; the rest go to fit() ({', '.join(sorted(_FIT_ARGUMENTS))}).")
     params = method_params(method, **{k: v for k, v in kwargs.items() if k in fields})
     return params, {k: v for k, v in kwargs.items() if k not in fields}
+
+
+def _check_features(cls, features, teacher_logits, augment, num_samples: int) -> None:
+    if cls.needs != "features" or teacher_logits is None or augment is not None:
+        raise ConfigError("'teacher_features' (cached teacher features) serve method 'feature', given with "
+                          "'teacher_logits' and without augmentation; otherwise the teacher runs on every batch.")
+    for i, f in enumerate(features):
+        if f.ndim != 2 or f.shape[0] != num_samples:
+            raise ConfigError(f"teacher_features[{i}] must have shape ({num_samples}, D), one flattened feature per "
+                              f"sample of train_data; got {tuple(f.shape)}.")
 
 
 def _validate(extras: dict, probabilities: bool, num_samples: int, temperature: float) -> None:

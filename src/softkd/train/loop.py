@@ -6,6 +6,7 @@ zero grad → forward → loss → backward → step → log → evaluate → ke
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from softkd.methods.base import Method
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
 from softkd.models.weights import save_weights
-from softkd.train.checkpoint import CHECKPOINT_FORMAT, load_latest, rng_states, save_checkpoint, set_rng_states
+from softkd.train.checkpoint import (RunState, load_latest, load_trained_state, restore, rng_states, save_checkpoint,
+                                     snapshot, trained_state)
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.distributed import Distributed
@@ -45,6 +47,8 @@ class FitResult:
     best_score: float | None = None
     stopped_by: str = "epochs"  # "epochs", "max_steps" or "patience"
     graphed_steps: int = 0  # steps replayed from a CUDA graph (see fit's cuda_graphs)
+    students: dict[str, nn.Module] = field(default_factory=dict)
+    """Every trained student by name: ``{"": model}``, or each peer of a mutual-learning cohort."""
 
 
 def fit(
@@ -134,7 +138,7 @@ def fit(
     val_batches = None
     if val_data is not None:
         val_batches = build_loader(as_dataset(val_data, name="val_data"), batch_size=max(batch_size, 1024))
-    device, parts, params = _trainables(model, objective, train_data, extras)
+    device, parts, params = _trainables(model, objective, train_data, extras, seed)
     opt = build_optimizer(params, name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov)
     group_size = accumulate * dist.world
@@ -151,7 +155,7 @@ def fit(
     keys = getattr(objective, "terms", ("loss",) if dist.world > 1 else None)
     terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None,
                           processes=dist.world)
-    run = _RunState()
+    run = RunState()
     run_key = dict(run_key or {}, method=objective.key(), batch_size=batch_size, accumulate=accumulate, seed=seed,
                    epochs=epochs, precision=precision, processes=dist.world, views=views, monitor=monitor,
                    augment=getattr(augment, "describe", lambda: repr(augment))())
@@ -159,7 +163,7 @@ def fit(
     if resume and folder is not None:
         saved = load_latest(folder, run_key=run_key)
         if saved is not None:
-            run = _restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
+            run = restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
             terms_log.reset(run.totals)
     # With several processes every trainable module trains through DDP (gradients summed over
     # processes in the backward pass); the teacher never does. Processes start from rank 0's state.
@@ -172,9 +176,9 @@ def fit(
             return
         run.totals = terms_log.sums()  # checked first: a checkpoint is only ever written from good weights
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
-        snapshot = _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
+        state = snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
                              rngs)
-        dist.on_main(lambda: save_checkpoint(folder, snapshot, keep_last=keep_last))
+        dist.on_main(lambda: save_checkpoint(folder, state, keep_last=keep_last))
 
     def forward_backward(batch: dict, counts: dict, *, cache: bool = True, weight: float = 1.0) -> torch.Tensor:
         """One micro-batch's loss and gradients; returns its terms as one device tensor."""
@@ -283,7 +287,7 @@ def fit(
         terms_log.reset()
         run.totals, run.seen = {}, 0
         if val_batches is not None:
-            val = evaluate(model, val_batches, objective=objective, with_loss=monitor == "loss")
+            val = _validate(model, objective, val_batches, monitor)
             record.update({f"val_{k}": v for k, v in val.items()})
             if _keep_if_best(val, monitor, epoch, result, run, model, objective) and folder is not None:
                 dist.on_main(lambda: save_weights(model, folder / "best.safetensors"))
@@ -299,9 +303,11 @@ def fit(
     opt.zero_grad(set_to_none=True)
     result.graphed_steps = graphed.replays if graphed is not None else 0
     if run.best_state is not None:
-        _load_trained_state(run.best_state, model, objective)
+        load_trained_state(run.best_state, model, objective)
     objective.use_parts(objective.parts)
-    model.eval()
+    result.students = objective.students(model)
+    for student in result.students.values():
+        student.eval()
     return result
 
 
@@ -319,56 +325,32 @@ def _augmented(batch: dict, augment, epoch: int, views: int | None) -> dict:
     return batch
 
 
-@dataclass
-class _RunState:
-    """Where a run is, beyond what FitResult reports: what resuming needs."""
-
-    epoch: int = 1
-    done: int = 0  # micro-batches of this epoch already trained on
-    epoch_start: torch.Tensor | None = None  # the data-order generator's state when the epoch began (resuming)
-    totals: dict = field(default_factory=dict)
-    seen: int = 0
-    stale: int = 0
-    best_state: dict | None = None
-
-
-def _snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
-              rngs) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "method_parts": objective.parts_state(),
-        "optimizer": opt.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": result.steps, "epoch": epoch,
-        "done": done,
-        "epoch_start": epoch_start, "totals": {k: float(v) for k, v in run.totals.items()}, "seen": run.seen,
-        "stale": run.stale,
-        "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
-        "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
-    }
+def _validate(model: nn.Module, objective, val_batches, monitor: str) -> dict:
+    """Validation metrics of the student; of a cohort (several students), each one's as
+    ``<name>_<metric>`` and their mean as the metric itself, which picks the best epoch."""
+    students = objective.students(model)
+    if len(students) == 1:
+        return evaluate(model, val_batches, objective=objective, with_loss=monitor == "loss")
+    each = {name: evaluate(student, val_batches) for name, student in students.items()}
+    out = {}
+    for metric in next(iter(each.values())):
+        values = [v[metric] for v in each.values()]
+        out[metric] = None if None in values else sum(values) / len(values)
+    if out.get("accuracy") is None or monitor == "loss":
+        out["loss"] = evaluate(model, val_batches, objective=objective, with_loss=True)["loss"]
+    return {**out, **{f"{name}_{k}": v for name, metrics in each.items() for k, v in metrics.items()}}
 
 
-def _restore(saved: dict, model, objective, opt, scheduler, scaler, result: FitResult, *, rank: int) -> _RunState:
-    model.load_state_dict(saved["model"])
-    scaler.load_state_dict(saved["scaler"])
-    objective.load_parts_state(saved["method_parts"])
-    opt.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_states(saved["rng"][rank])  # one per process, in rank order
-    result.steps, result.history = saved["step"], list(saved["history"])
-    result.best_score, result.best_epoch = saved["best_score"], saved["best_epoch"]
-    result.stopped_by = saved["stopped_by"]
-    result.epochs = saved["epoch"] - 1
-    return _RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
-                     totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
-                     best_state=saved["best_state"])
-
-
-def _trainables(model: nn.Module, objective, train_data, extras) -> tuple[torch.device, list, list]:
+def _trainables(model: nn.Module, objective, train_data, extras, seed: int) -> tuple[torch.device, list, list]:
     """The device, the method's trainable parts (built by its ``setup`` from one dry forward, when
     it has one) and every trainable parameter: the optimizer's."""
     device = next(model.parameters()).device
     if type(objective).setup is not Method.setup:
         batch = next(iter(build_loader(train_data, batch_size=64, extras=extras)))
-        objective.setup(model, {k: v.to(device) for k, v in batch.items()})
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # ``seed`` since 0.3 (a cohort's peers are seeded from it); methods written for 0.2 take none
+        takes_seed = "seed" in inspect.signature(objective.setup).parameters
+        objective.setup(model, batch, **({"seed": seed} if takes_seed else {}))
     objective.to(device)  # its parts and buffers (a warm-up factor, teacher weights) beside the student
     parts = [objective.parts] if objective.parts is not None else []
     return device, parts, trainable_parameters(model, *parts)
@@ -380,7 +362,7 @@ def _counts(group: list[dict]) -> dict:
             "sample_count": sum(b["x"].shape[0] for b in group)}
 
 
-def _keep_if_best(val: dict, monitor: str, epoch: int, result: FitResult, run: _RunState, model, objective) -> bool:
+def _keep_if_best(val: dict, monitor: str, epoch: int, result: FitResult, run: RunState, model, objective) -> bool:
     """Score the epoch on ``monitor`` (the objective's loss without labels); keep the student's and
     the method's parts' state when it is the best so far. Returns whether it was."""
     watched = monitor if val.get(monitor) is not None else "loss"
@@ -389,18 +371,8 @@ def _keep_if_best(val: dict, monitor: str, epoch: int, result: FitResult, run: _
         run.stale += 1
         return False
     result.best_score, result.best_epoch, run.stale = score, epoch, 0
-    run.best_state = copy.deepcopy(_trained_state(model, objective))
+    run.best_state = copy.deepcopy(trained_state(model, objective))
     return True
-
-
-def _trained_state(model: nn.Module, objective) -> dict:
-    """What training changes: the student's state and the method's trainable parts'."""
-    return {"model": model.state_dict(), "parts": objective.parts_state()}
-
-
-def _load_trained_state(state: dict, model: nn.Module, objective) -> None:
-    model.load_state_dict(state["model"])
-    objective.load_parts_state(state["parts"])
 
 
 def _check_budget(epochs: int, max_steps: int | None, patience: int | None) -> None:
