@@ -2,6 +2,7 @@
 method and label regime, each beside its equal-budget scratch twin (mean ± std over seeds).
 
     python benchmarks/methods.py run CONFIG... [--out runs/methods] [--results benchmarks/results/methods.json]
+                                 [--set KEY=VALUE ... --as NAME]
     python benchmarks/methods.py table [--results benchmarks/results/methods.json]
 
 `run` runs each config in its own process (`python -m softkd.cli run CONFIG --out OUT/<name>`),
@@ -27,29 +28,36 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "methods.json"
 
 
-def run(configs: list[str], out: Path, results: Path) -> None:
+def run(configs: list[str], out: Path, results: Path, overrides: list[str] = (), name: str | None = None) -> None:
+    """``overrides`` (``--set`` of softkd run) apply to every config; ``name`` replaces the config's
+    file name as its rows' and run directory's name (one config: a variant of a recipe)."""
+    if name is not None and len(configs) != 1:
+        raise SystemExit("--as names one config's variant; give exactly one config")
     for config in configs:
-        name = Path(config).stem
+        label = name or Path(config).stem
         started = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", config, "--out", str(out / name)],
+        sets = [arg for override in overrides for arg in ("--set", override)]
+        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", config, "--out", str(out / label), *sets],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode != 0:
-            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        report = json.loads((out / name / "report.json").read_text())
-        _save(results, name, rows(name, report, wall, stage_seconds(out / name / "metrics.jsonl")))
-        print(f"{name}: {wall / 60:.1f} min", flush=True)
+        report = json.loads((out / label / "report.json").read_text())
+        metrics = out / label / "metrics.jsonl"
+        _save(results, label, rows(label, report, wall, stage_seconds(metrics), stage_validation(metrics)))
+        print(f"{label}: {wall / 60:.1f} min", flush=True)
 
 
 def stage_seconds(metrics: Path) -> dict[tuple[str, float], float]:
     """Mean training seconds of one student, per (kind, labeled fraction, peer name or ""): the sum
-    of its epochs' ``epoch_s`` (a mutual-learning cohort trains as one "distilled" run). A stage trained again (a run stopped midway, then rerun) counts its last try."""
+    of its epochs' ``epoch_s`` (a mutual-learning cohort trains as one "distilled" run). A stage
+    trained again (a run stopped midway, then rerun) counts its last try."""
     epochs = {}
     for line in metrics.read_text().splitlines():
         r = json.loads(line)
-        if "epoch_s" in r and "kind" not in r:
+        if "epoch_s" in r and "kind" not in r and r.get("stage") != "teacher":
             epochs[r["stage"], r["labeled_fraction"], r.get("student", ""), r["seed"], r["epoch"]] = r["epoch_s"]
     per_student = {}
     for (kind, fraction, student, seed, _), s in epochs.items():
@@ -58,7 +66,27 @@ def stage_seconds(metrics: Path) -> dict[tuple[str, float], float]:
     return {k: sum(v.values()) / len(v) for k, v in per_student.items()}
 
 
-def rows(config: str, report: dict, wall_s: float, seconds: dict) -> list[dict]:
+def stage_validation(metrics: Path) -> dict[tuple[str, float, str], float]:
+    """Mean over seeds of each student's validation accuracy at its best epoch (the epoch whose
+    ``val_accuracy`` is highest: a cohort's mean picks the epoch for all its peers), per (kind,
+    labeled fraction, peer name or ""): what recipes are selected on, never the test split."""
+    curves = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("val_accuracy") is not None and "kind" not in r and r.get("stage") != "teacher":
+            key = r["stage"], r["labeled_fraction"], r.get("student", ""), r["seed"]
+            curves.setdefault(key, {})[r["epoch"]] = r  # a retried stage: its last try's epochs
+    best = {}
+    for (kind, fraction, twin, seed), epochs in curves.items():
+        top = max(epochs.values(), key=lambda r: r["val_accuracy"])
+        peers = sorted({k[4:-9] for k in top if k.startswith("val_peer") and k.endswith("_accuracy")})
+        for name in peers or [twin]:
+            value = top[f"val_{name}_accuracy"] if peers else top["val_accuracy"]
+            best.setdefault((kind, fraction, name), []).append(value)
+    return {k: sum(v) / len(v) for k, v in best.items()}
+
+
+def rows(config: str, report: dict, wall_s: float, seconds: dict, validation: dict | None = None) -> list[dict]:
     """One row per student and regime: what the README table shows, and the runs behind it."""
     out = []
     teacher = report.get("teacher")
@@ -80,6 +108,8 @@ def rows(config: str, report: dict, wall_s: float, seconds: dict) -> list[dict]:
                                         (("scratch", ("scratch", fraction, peer)), ("distilled", ("distilled", fraction, "")))
                                         if key in seconds},
                 "agreement": r.get("agreement"),
+                "val_accuracy": {kind: round(validation[kind, fraction, peer], 4) for kind in ("scratch", "distilled")
+                                 if (kind, fraction, peer) in (validation or {})},
                 "wall_s_this_call": round(wall_s, 1), "softkd": report["versions"]["softkd"],
                 "torch": report["versions"]["torch"], "device": report["hardware"]["device"],
             })
@@ -101,11 +131,13 @@ def _save(results: Path, config: str, new: list[dict]) -> None:
 METHOD_ORDER = ("soft-target", "dkd", "dist", "multi-teacher", "feature", "mutual")
 
 
-def table(results: Path) -> str:
-    """The README's table: by student, then label regime (all labels first), then method."""
+def table(results: Path, *, validation: bool = False) -> str:
+    """The README's table: by student, then label regime (all labels first), then method; with
+    ``validation``, also the distilled students' mean validation accuracy (what a sweep selects on)."""
+    val_head, val_rule = (" val (d) |", "---:|") if validation else ("", "")
     lines = ["| student | labels | method | loss | teacher | scratch | distilled | change | gap recovered "
-             "| ECE s → d | verdict | min per student (s / d) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+             f"| ECE s → d | verdict | min per student (s / d) |{val_head}",
+             f"|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|{val_rule}"]
     found = json.loads(results.read_text())
     found.sort(key=lambda r: (r["student"], -r["num_labeled"], METHOD_ORDER.index(r["method"]["name"]),
                               r["config"]))
@@ -118,8 +150,13 @@ def table(results: Path) -> str:
             f"{'–' if r['teacher_accuracy'] is None else format(100 * r['teacher_accuracy'], '.1f')} "
             f"| {_ms(r['scratch'])} | {_ms(r['distilled'])} | {change:+.1f} | {gap} "
             f"| {r['ece']['scratch']:.3f} → {r['ece']['distilled']:.3f} | {r['verdict'].split(':')[0]} "
-            f"| {_minutes(r.get('train_s_per_student', {}))} |")
+            f"| {_minutes(r.get('train_s_per_student', {}))} |"
+            + (f" {_pct(r.get('val_accuracy', {}).get('distilled'))} |" if validation else ""))
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
 
 
 def _minutes(seconds: dict) -> str:
@@ -137,13 +174,16 @@ def main() -> None:
     p_run.add_argument("configs", nargs="+")
     p_run.add_argument("--out", type=Path, default=ROOT / "runs" / "methods")
     p_run.add_argument("--results", type=Path, default=RESULTS)
+    p_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_run.add_argument("--as", dest="name", default=None, help="the rows' name for a variant of one config")
     p_table = sub.add_parser("table")
     p_table.add_argument("--results", type=Path, default=RESULTS)
+    p_table.add_argument("--validation", action="store_true", help="add the distilled students' validation accuracy")
     args = parser.parse_args()
     if args.verb == "run":
-        run(args.configs, args.out, args.results)
+        run(args.configs, args.out, args.results, args.overrides, args.name)
     else:
-        print(table(args.results))
+        print(table(args.results, validation=args.validation))
 
 
 if __name__ == "__main__":

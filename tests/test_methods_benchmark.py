@@ -24,6 +24,7 @@ def test_stage_seconds_sum_epochs_per_student_and_count_a_retried_stage_once(tmp
         _epoch("scratch", 1.0, 1, 1, 14.0), _epoch("scratch", 1.0, 1, 2, 16.0),
         _epoch("scratch", 0.03, 0, 1, 3.0),
         dict(_epoch("scratch", 1.0, 0, 1, 7.0), student="peer1"),  # a cohort peer's own scratch twin
+        {"stage": "teacher", "epoch": 1, "epoch_s": 50.0},  # a teacher trained in the run: not a student
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -67,3 +68,23 @@ def test_a_run_without_a_teacher_gives_rows_for_every_peer(tmp_path):
     results = tmp_path / "methods.json"
     results.write_text(json.dumps(rows))
     assert "| peer1 (mlp-128) | 100% | `mutual` | mutual | – | 90.0 ± 1.0 |" in bench.table(results)
+
+
+def test_stage_validation_takes_each_students_value_at_its_best_epoch(tmp_path):
+    def val(stage, epoch, accuracy, seed=0, **extra):
+        return {"stage": stage, "labeled_fraction": 1.0, "seed": seed, "epoch": epoch, "val_accuracy": accuracy,
+                **extra}
+
+    records = [
+        val("scratch", 1, 0.80), val("scratch", 2, 0.85), val("scratch", 3, 0.84),
+        val("scratch", 1, 0.70, seed=1), val("scratch", 2, 0.75, seed=1),
+        # a cohort: the mean picks epoch 2 for both peers, though peer1 was better at epoch 1
+        val("distilled", 1, 0.80, val_peer0_accuracy=0.70, val_peer1_accuracy=0.90),
+        val("distilled", 2, 0.86, val_peer0_accuracy=0.88, val_peer1_accuracy=0.84),
+        {"stage": "distilled", "labeled_fraction": 1.0, "seed": 0, "kind": "step", "epoch": 2, "val_accuracy": 1.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    found = bench.stage_validation(path)
+    assert found == {("scratch", 1.0, ""): (0.85 + 0.75) / 2, ("distilled", 1.0, "peer0"): 0.88,
+                     ("distilled", 1.0, "peer1"): 0.84}
