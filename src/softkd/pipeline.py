@@ -31,7 +31,7 @@ from softkd.models.zoo import count_params
 from softkd.report.run_log import RunLog, summary_writer
 from softkd.methods import build_method
 from softkd.report.summary import build_report, write_report
-from softkd.cache.for_run import open_or_build, transfer_logits
+from softkd.cache.for_run import feature_caches, features_cached, open_or_build, transfer_logits
 from softkd.stages import augment_key, data_key, note_stale, read_stamp, stage_hash, train_key, write_stamp
 from softkd.train.distill import distill
 from softkd.train.loop import fit
@@ -98,7 +98,7 @@ class _StudentStages:
         self.out, self.logger, self.resume = out, logger, resume
         self.specs = method.student_specs(config.student.model)
         self.transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
-        self.transfer_features = None  # a feature method's cached teacher features (see _transfer_features)
+        self.transfer_features = None  # a feature method's cached teacher features (see cache/for_run.py)
 
     def run(self, kind: str, transfer, fraction: float, seed: int) -> list[dict]:
         """Scratch: each student's twin, one run each. Distilled: one run trains them all."""
@@ -111,7 +111,7 @@ class _StudentStages:
         distilled = kind == "distilled"
         cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views", "features"})
         if method.needs == "features":  # cached (fp16) or live features: the same run, not the same arithmetic
-            cache_key["features"] = _features_cached(config)
+            cache_key["features"] = features_cached(config)
         files = {name: f"{kind}{'-' + name if name else ''}-labels{fraction:g}-seed{seed}" for name in names}
         keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
                                  train_key(config), method.key() if distilled else None,
@@ -126,13 +126,12 @@ class _StudentStages:
             return results
         for name in names:
             note_stale(stamps[name], self.logger)
-        cached = method.needs == "logits" or (method.needs == "features" and _features_cached(config))
-        if distilled and self.transfer_logits is None and cached:
+        features = method.needs == "features" and features_cached(config)
+        if distilled and self.transfer_logits is None and (method.needs == "logits" or features):
             self.transfer_logits = transfer_logits(config, self.teachers, self.splits, self.out, self.logger)
-        if distilled and self.transfer_features is None and method.needs == "features" and cached:
-            self.transfer_features = [open_or_build(config, 0, self.teachers[0], self.splits, self.out,
-                                                           self.logger, tap=path).rows()
-                                      for path in method.params.teacher_layers]
+        if distilled and self.transfer_features is None and features:
+            caches = feature_caches(config, self.teachers[0], self.splits, self.out, self.logger)
+            self.transfer_features = [cache.rows() for cache in caches]
         twin = {"student": names[0]} if not distilled and names[0] else {}  # a peer's scratch twin
         log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin)
         resume_from = _checkpoints(config, self.out / "students" / f"{files[names[0]]}.ckpt", self.resume)
@@ -191,9 +190,8 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> lis
         with RunLog(out, progress, total=_teacher_epochs(config)) as logger:
             _teacher_stage(config, teachers, splits, out, logger)
             caches = [open_or_build(config, i, Teacher(t), splits, out, logger) for i, t in enumerate(teachers)]
-            if build_method(config.method).needs == "features" and _features_cached(config):
-                caches += [open_or_build(config, 0, Teacher(teachers[0]), splits, out, logger, tap=path)
-                           for path in config.method.teacher_layers]
+            if build_method(config.method).needs == "features" and features_cached(config):
+                caches += feature_caches(config, Teacher(teachers[0]), splits, out, logger)
             return caches
 
 
@@ -348,11 +346,6 @@ def _train_students(kind, config: RunConfig, method, splits: Splits, transfer, t
                    teacher_features=transfer_features, augment=augment, **budget).students
 
 
-def _features_cached(config: RunConfig) -> bool:
-    """Whether a feature method reads cached teacher features (else the teacher runs on every batch)."""
-    return config.cache.enabled and config.cache.features and config.data.augment is None
-
-
 def _augment(config: RunConfig):
     return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
 
@@ -369,8 +362,6 @@ def _teacher_epochs(config: RunConfig) -> int:
 
 
 def _count_epochs(config: RunConfig) -> int:
-    from softkd.methods import method_class
-
-    peers = len(method_class(config.method.name)(config.method).student_specs(config.student.model))
+    peers = len(build_method(config.method).student_specs(config.student.model))
     students = len(config.data.fractions) * len(config.train.seeds) * (peers + 1)  # one cohort run, N scratch
     return _teacher_epochs(config) + students * config.train.epochs

@@ -84,3 +84,13 @@ def cache_folder(config: RunConfig, index: int, out: Path) -> tuple[Path, bool]:
         return Path(own), True
     base = Path(config.cache.dir) if config.cache.dir is not None else out / "cache"
     return (base / f"teacher{index}" if config.teachers is not None else base), config.cache.dir is not None
+
+
+def features_cached(config: RunConfig) -> bool:
+    """Whether a feature method reads cached teacher features (else the teacher runs on every batch)."""
+    return config.cache.enabled and config.cache.features and config.data.augment is None
+
+
+def feature_caches(config: RunConfig, teacher: Teacher, splits: Splits, out: Path, logger) -> list[SoftLabelCache]:
+    """The feature cache of each of the method's ``teacher_layers``, opened or built."""
+    return [open_or_build(config, 0, teacher, splits, out, logger, tap=path) for path in config.method.teacher_layers]
