@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from softkd.report.curves import best_validation, training_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "methods.json"
 
@@ -50,40 +52,23 @@ def run(configs: list[str], out: Path, results: Path, overrides: list[str] = (),
         print(f"{label}: {wall / 60:.1f} min", flush=True)
 
 
-def stage_seconds(metrics: Path) -> dict[tuple[str, float], float]:
-    """Mean training seconds of one student, per (kind, labeled fraction, peer name or ""): the sum
-    of its epochs' ``epoch_s`` (a mutual-learning cohort trains as one "distilled" run). A stage
-    trained again (a run stopped midway, then rerun) counts its last try."""
-    epochs = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if "epoch_s" in r and "kind" not in r and r.get("stage") != "teacher":
-            epochs[r["stage"], r["labeled_fraction"], r.get("student", ""), r["seed"], r["epoch"]] = r["epoch_s"]
-    per_student = {}
-    for (kind, fraction, student, seed, _), s in epochs.items():
-        per_student.setdefault((kind, fraction, student), {}).setdefault(seed, 0.0)
-        per_student[kind, fraction, student][seed] += s
-    return {k: sum(v.values()) / len(v) for k, v in per_student.items()}
+def stage_seconds(metrics: Path) -> dict[tuple[str, float, str], float]:
+    """Mean training seconds of one student over seeds, per (kind, labeled fraction, peer name
+    or ""); a mutual-learning cohort trains as one "distilled" run."""
+    return _seed_mean(training_seconds(metrics))
 
 
 def stage_validation(metrics: Path) -> dict[tuple[str, float, str], float]:
-    """Mean over seeds of each student's validation accuracy at its best epoch (the epoch whose
-    ``val_accuracy`` is highest: a cohort's mean picks the epoch for all its peers), per (kind,
-    labeled fraction, peer name or ""): what recipes are selected on, never the test split."""
-    curves = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("val_accuracy") is not None and "kind" not in r and r.get("stage") != "teacher":
-            key = r["stage"], r["labeled_fraction"], r.get("student", ""), r["seed"]
-            curves.setdefault(key, {})[r["epoch"]] = r  # a retried stage: its last try's epochs
-    best = {}
-    for (kind, fraction, twin, seed), epochs in curves.items():
-        top = max(epochs.values(), key=lambda r: r["val_accuracy"])
-        peers = sorted({k[4:-9] for k in top if k.startswith("val_peer") and k.endswith("_accuracy")})
-        for name in peers or [twin]:
-            value = top[f"val_{name}_accuracy"] if peers else top["val_accuracy"]
-            best.setdefault((kind, fraction, name), []).append(value)
-    return {k: sum(v) / len(v) for k, v in best.items()}
+    """Mean over seeds of each student's validation accuracy at its best epoch, per (kind, labeled
+    fraction, peer name or ""): what recipes are selected on, never the test split."""
+    return _seed_mean(best_validation(metrics))
+
+
+def _seed_mean(per_seed: dict) -> dict:
+    grouped = {}
+    for (kind, fraction, name, _seed), value in per_seed.items():
+        grouped.setdefault((kind, fraction, name), []).append(value)
+    return {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
 def rows(config: str, report: dict, wall_s: float, seconds: dict, validation: dict | None = None) -> list[dict]:

@@ -233,7 +233,7 @@ def test_softkd_run_trains_the_configured_method_and_reports_its_formula(tmp_pat
     distilled = [r for r in records if r["stage"] == "distilled" and r.get("kind") != "step"]
     assert distilled and all("train_nckd" in r and "train_kd" not in r for r in distilled)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["schema_version"] == 3 and report["method"]["name"] == "dkd" and report["method"]["beta"] == 4.0
+    assert report["schema_version"] == 4 and report["method"]["name"] == "dkd" and report["method"]["beta"] == 4.0
     assert "loss = 1·ce + 1·tckd + 4·nckd (T=4, warm-up 1 epoch)" in (tmp_path / "out" / "report.md").read_text()
 
 

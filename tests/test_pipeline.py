@@ -102,19 +102,21 @@ def test_a_data_change_retrains_students_of_a_loaded_teacher(tmp_path):
 
 def test_deterministic_algorithms_on_request_and_restored_after(tmp_path, monkeypatch):
     import softkd.pipeline as pipeline
+    import softkd.stages as stages
     from softkd.config import RunConfig
     from softkd.train.runtime import deterministic_algorithms
 
     seen = []
-    for name in ("fit", "distill"):  # every training job records the settings it ran under
-        real = getattr(pipeline, name)
+    # every training job records the settings it ran under: the teacher's, the students'
+    for module, name in ((pipeline, "fit"), (stages, "fit"), (stages, "distill")):
+        real = getattr(module, name)
 
         def spy(*args, _real=real, **kwargs):
             seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
                          torch.backends.cudnn.deterministic))
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(pipeline, name, spy)
+        monkeypatch.setattr(module, name, spy)
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     raw = {**TINY, "train": {**TINY["train"], "deterministic": True}, "output": {}}
     run_experiment(RunConfig.model_validate(raw), out_dir=tmp_path / "on")

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from softkd.config import RunConfig, dump_config
-from softkd.data.augment import build_augment
-from softkd.data.datasets import Splits, keep_labels, load_splits
+from softkd.data.datasets import Splits, keep_labels, run_splits
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
-from softkd.evaluate.metrics import classification_metrics, predict, teacher_metrics
+from softkd.evaluate.metrics import classification_metrics, predict
+from softkd.evaluate.speed import footprint, time_models
 from softkd.models.weights import load_weights, save_weights
 from softkd.models.teacher import Teacher
 from softkd.models.loading import check_num_classes, resolve_model
@@ -31,12 +31,11 @@ from softkd.models.zoo import count_params
 from softkd.report.run_log import RunLog, summary_writer
 from softkd.methods import build_method
 from softkd.report.summary import build_report, write_report
-from softkd.cache.for_run import feature_caches, features_cached, open_or_build, transfer_logits
-from softkd.stages import augment_key, data_key, note_stale, read_stamp, stage_hash, train_key, write_stamp
-from softkd.train.distill import distill
+from softkd.cache.for_run import feature_caches, features_cached, open_or_build
+from softkd.stages import StudentStages, build_run_students, checkpoint_folder, predict_in_shares, read_stamp, stage_hash, write_stamp
 from softkd.train.loop import fit
 from softkd.train.distributed import Distributed
-from softkd.train.runtime import deterministic_algorithms, inference_batch_size, resident, select_device
+from softkd.train.runtime import deterministic_algorithms, inference_batch_size, select_device
 from softkd.utils import atomic_write_text, cpu_threads
 
 if TYPE_CHECKING:
@@ -67,10 +66,10 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
             teacher_key = _teacher_stage(config, teachers, splits, out, logger, resume)
             teachers = [Teacher(t) for t in teachers]
             method = build_method(config.method, teachers=teachers)
-            each_test = [_predict_in_shares(t, splits.test, dist) for t in teachers]
+            each_test = [predict_in_shares(t, splits.test, dist) for t in teachers]
             teacher_test_logits = (method.combined_teacher_logits([logits for logits, _ in each_test]) if teachers
                                    else None)
-            stages = _StudentStages(config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger,
+            stages = StudentStages(config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger,
                                     resume)
             runs = []
             for fraction in config.data.fractions:
@@ -81,80 +80,12 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
         test_labels = splits.test.y
         teacher_evals = [{"model": t.model, "params": count_params(m), **classification_metrics(logits, test_labels)}
                          for t, m, (logits, _) in zip(config.teacher_list, teachers, each_test)]
-        teacher_eval = classification_metrics(teacher_test_logits, test_labels) if teachers else None
-        report = build_report(config, method, teacher_evals, teacher_eval, runs, splits)
+        teacher_eval = stages.test_metrics(teacher_test_logits, test_labels, teacher=False) if teachers else None
+        speed = _measure_speed(config, method, teachers, splits) if config.output.latency else None
+        report = build_report(config, method, teacher_evals, teacher_eval, runs, splits, speed=speed)
         # The run directory is complete before any process returns.
         dist.on_main(lambda: write_report(report, out))
         return report
-
-
-class _StudentStages:
-    """The student stages of one experiment: for each regime, seed and kind, every student the
-    method trains (stamped, trained when its stamp does not match, evaluated on the test split)."""
-
-    def __init__(self, config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger, resume):
-        self.config, self.method, self.splits, self.teachers = config, method, splits, teachers
-        self.teacher_key, self.teacher_test_logits = teacher_key, teacher_test_logits
-        self.out, self.logger, self.resume = out, logger, resume
-        self.specs = method.student_specs(config.student.model)
-        self.transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
-        self.transfer_features = None  # a feature method's cached teacher features (see cache/for_run.py)
-
-    def run(self, kind: str, transfer, fraction: float, seed: int) -> list[dict]:
-        """Scratch: each student's twin, one run each. Distilled: one run trains them all."""
-        if kind == "scratch":
-            return [r for name in self.specs for r in self._stage(kind, transfer, fraction, seed, [name])]
-        return self._stage(kind, transfer, fraction, seed, list(self.specs))
-
-    def _stage(self, kind, transfer, fraction, seed, names) -> list[dict]:
-        config, method, dist = self.config, self.method, Distributed()
-        distilled = kind == "distilled"
-        cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views", "features"})
-        if method.needs == "features":  # cached (fp16) or live features: the same run, not the same arithmetic
-            cache_key["features"] = features_cached(config)
-        files = {name: f"{kind}{'-' + name if name else ''}-labels{fraction:g}-seed{seed}" for name in names}
-        keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
-                                 train_key(config), method.key() if distilled else None,
-                                 cache_key if distilled else None, *augment_key(config),
-                                 *([{"student": name, "model": self.specs[name]}] if name else []))
-                for name in names}
-        stamps = {name: self.out / "students" / f"{files[name]}.json" for name in names}
-        results = [read_stamp(stamps[name], keys[name]) for name in names]
-        if all(r is not None for r in results):
-            for name in names:
-                self.logger.skip(config.train.epochs if name == names[0] else 0, f"{files[name]} (up to date)")
-            return results
-        for name in names:
-            note_stale(stamps[name], self.logger)
-        features = method.needs == "features" and features_cached(config)
-        if distilled and self.transfer_logits is None and (method.needs == "logits" or features):
-            self.transfer_logits = transfer_logits(config, self.teachers, self.splits, self.out, self.logger)
-        if distilled and self.transfer_features is None and features:
-            caches = feature_caches(config, self.teachers[0], self.splits, self.out, self.logger)
-            self.transfer_features = [cache.rows() for cache in caches]
-        twin = {"student": names[0]} if not distilled and names[0] else {}  # a peer's scratch twin
-        log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin)
-        resume_from = _checkpoints(config, self.out / "students" / f"{files[names[0]]}.ckpt", self.resume)
-        run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
-                   "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin}
-        trained = _train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
-                                  self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
-                                  resume=self.resume, run_key=run_key)
-        results = []
-        for name in names:
-            student = trained[name]
-            logits, labels = _predict_in_shares(student, self.splits.test, dist)
-            result = {"kind": kind, "labeled_fraction": fraction, "seed": seed,
-                      **({"student": name, "model": self.specs[name]} if name else {}),
-                      "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
-                      **classification_metrics(logits, labels),
-                      **(teacher_metrics(logits, self.teacher_test_logits) if self.teachers else {}),
-                      "params": count_params(student)}
-            dist.on_main(lambda: _save_student(self.out, files[name], student, keys[name], result))
-            results.append(result)
-        if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
-            shutil.rmtree(resume_from, ignore_errors=True)
-        return results
 
 
 def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resume: bool = False) -> dict:
@@ -200,9 +131,7 @@ def _prepare(config: RunConfig, *, load: bool = True):
     if config.output.tensorboard:
         summary_writer()  # missing package: fail before anything is written
     d = config.data
-    splits = load_splits(d.name, path=d.path, test_path=d.test_path, unlabeled_path=d.unlabeled_path,
-                         label_column=d.label_column, data_dir=d.dir, val_fraction=d.val_fraction,
-                         test_fraction=d.test_fraction, seed=d.seed)
+    splits = run_splits(d)
     shape, classes = splits.train.input_shape, splits.train.num_classes
     if config.cache.top_k is not None and config.cache.top_k > classes:
         raise ConfigError(f"The 'cache.top_k' must be <= the data's {classes} classes; got {config.cache.top_k} "
@@ -227,22 +156,26 @@ def _prepare(config: RunConfig, *, load: bool = True):
     return splits, teachers
 
 
-def _predict_in_shares(model, data, dist: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
-    """predict() over ``data``, each process taking a contiguous share (a teacher's pass over
-    the test set is the largest fixed cost of a multi-process run); every process gets it all."""
-    share = -(-len(data) // dist.world)
-    start, stop = min(dist.rank * share, len(data)), min((dist.rank + 1) * share, len(data))
-    mine = None
-    if stop > start:
-        part = data if dist.world == 1 else data.subset(torch.arange(start, stop))
-        mine = predict(model, build_loader(part, batch_size=inference_batch_size(model)))
-    parts = [p for p in dist.gather_object(mine) if p is not None]
-    return torch.cat([logits for logits, _ in parts]), torch.cat([labels for _, labels in parts])
+def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) -> dict | None:
+    """Latency and throughput of the teacher(s) and of each student architecture on this machine
+    (untrained copies: the time does not depend on the weights), measured by the main process
+    while the others wait, so they do not compete for its cores; every process gets the figures."""
+    dist = Distributed()
+    shape, classes = splits.train.input_shape, splits.train.num_classes
 
+    def measure():
+        students = build_run_students(config, method, seed=0, input_shape=shape, num_classes=classes)
+        specs = method.student_specs(config.student.model)
+        models = {("teacher" if len(teachers) == 1 else f"teacher{i}"): t for i, t in enumerate(teachers)}
+        models.update({specs[name]: s for name, s in students.items()})
+        device = select_device(config.train.device)
+        timing = time_models({k: m.to(device) for k, m in models.items()}, shape,
+                             reference="teacher" if len(teachers) == 1 else None)
+        timing["models"] = {k: {**footprint(models[k]), **t} for k, t in timing["models"].items()}
+        return timing
 
-def _save_student(out: Path, name: str, student, key: str, result: dict) -> None:
-    save_weights(student, out / "students" / f"{name}.safetensors")
-    write_stamp(out / "students" / f"{name}.json", key, result)
+    mine = measure() if dist.is_main else None
+    return next((s for s in dist.gather_object(mine) if s is not None), None)
 
 
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
@@ -290,7 +223,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep,
         log_every=config.train.log_every, cuda_graphs=config.train.cuda_graphs,
-        checkpoint_dir=_checkpoints(config, out / "teacher.ckpt", resume), resume=resume,
+        checkpoint_dir=checkpoint_folder(config, out / "teacher.ckpt", resume), resume=resume,
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
                  "teacher": t.model_dump(mode="json", exclude={"checkpoint"})})
@@ -306,48 +239,6 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
 
     dist.on_main(save)
     return key
-
-
-def _checkpoints(config: RunConfig, folder: Path, resume: bool) -> Path | None:
-    """The student run's checkpoint folder when checkpoints are on; a fresh start clears it."""
-    if config.train.checkpoint_every is None:
-        return None
-    if not resume and Distributed().is_main:
-        shutil.rmtree(folder, ignore_errors=True)
-    return folder
-
-
-def _train_students(kind, config: RunConfig, method, splits: Splits, transfer, teachers, transfer_logits,
-                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> dict:
-    """The students ``names`` of one stage, trained, by name: each from the same initial weights and
-    with the same data and budget as its twin of the other kind; only the objective differs."""
-    torch.manual_seed(seed)
-    first = resolve_model(config.student.model, input_shape=splits.train.input_shape,
-                          num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
-    train = config.train
-    device = select_device(train.device)
-    first = first.to(device)
-    transfer, val, transfer_logits = resident(device, transfer, splits.val, transfer_logits)
-    budget = dict(val_data=val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
-                  accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
-                  weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
-                  lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
-                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, cuda_graphs=train.cuda_graphs,
-                  patience=train.patience, monitor=train.monitor, seed=seed,
-                  checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
-                  log_every=train.log_every, **checkpointing)
-    augment = _augment(config)
-    if kind == "scratch":  # the same views as the distilled student
-        student = first if names == [""] else method.build_students(
-            first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
-        views = config.cache.views if augment is not None and config.cache.enabled else None
-        return {names[0]: fit(student, transfer, augment=augment, views=views, **budget).model}
-    return distill(first, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
-                   teacher_features=transfer_features, augment=augment, **budget).students
-
-
-def _augment(config: RunConfig):
-    return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
 
 
 @contextmanager

@@ -1,14 +1,31 @@
-"""Stage stamps: the hash of what a stage's output depends on, written beside it. A run into the
-same folder skips every stage whose stamp matches and reruns only what a changed config affects
+"""A run's stages and their stamps: the hash of what a stage's output depends on, written beside
+it, so that a run into the same folder skips every stage whose stamp matches and reruns only what
+a changed config affects; and the student stages themselves — for each regime, seed and kind,
+every student the method trains, trained when its stamp is stale and evaluated on the test split
 (see :func:`softkd.pipeline.run_experiment`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import torch
+
+from softkd.cache.for_run import feature_caches, features_cached, transfer_logits
 from softkd.config import RunConfig
+from softkd.data.augment import build_augment
+from softkd.data.datasets import Splits
+from softkd.data.loader import build_loader
+from softkd.evaluate.metrics import detailed_metrics, predict
+from softkd.models.loading import resolve_model
+from softkd.models.weights import load_weights, save_weights
+from softkd.models.zoo import count_params
+from softkd.train.distill import distill
+from softkd.train.distributed import Distributed
+from softkd.train.loop import fit
+from softkd.train.runtime import inference_batch_size, resident, select_device
 from softkd.utils import atomic_write_text
 
 STAMP_FORMAT = 2  # stage stamps written by softkd 0.2 (0.1's have no "format")
@@ -65,3 +82,165 @@ def note_stale(path: Path, logger) -> None:
         return
     if "format" not in stamp:
         logger.note(f"{path.stem}: written by softkd 0.1 with the old method settings; training it again.")
+
+
+class StudentStages:
+    """The student stages of one experiment: for each regime, seed and kind, every student the
+    method trains (stamped, trained when its stamp does not match, evaluated on the test split)."""
+
+    def __init__(self, config, method, splits, teachers, teacher_key, teacher_test_logits, out, logger, resume):
+        self.config, self.method, self.splits, self.teachers = config, method, splits, teachers
+        self.teacher_key, self.teacher_test_logits = teacher_key, teacher_test_logits
+        self.out, self.logger, self.resume = out, logger, resume
+        self.specs = method.student_specs(config.student.model)
+        self.transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
+        self.transfer_features = None  # a feature method's cached teacher features (see cache/for_run.py)
+
+    def run(self, kind: str, transfer, fraction: float, seed: int) -> list[dict]:
+        """Scratch: each student's twin, one run each. Distilled: one run trains them all."""
+        if kind == "scratch":
+            return [r for name in self.specs for r in self._stage(kind, transfer, fraction, seed, [name])]
+        return self._stage(kind, transfer, fraction, seed, list(self.specs))
+
+    def _stage(self, kind, transfer, fraction, seed, names) -> list[dict]:
+        config, method, dist = self.config, self.method, Distributed()
+        distilled = kind == "distilled"
+        cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views", "features"})
+        if method.needs == "features":  # cached (fp16) or live features: the same run, not the same arithmetic
+            cache_key["features"] = features_cached(config)
+        files = {name: f"{kind}{'-' + name if name else ''}-labels{fraction:g}-seed{seed}" for name in names}
+        keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
+                                 train_key(config), method.key() if distilled else None,
+                                 cache_key if distilled else None, *augment_key(config),
+                                 *([{"student": name, "model": self.specs[name]}] if name else []))
+                for name in names}
+        stamps = {name: self.out / "students" / f"{files[name]}.json" for name in names}
+        results = [read_stamp(stamps[name], keys[name]) for name in names]
+        if all(r is not None for r in results):
+            for name in names:
+                self.logger.skip(config.train.epochs if name == names[0] else 0, f"{files[name]} (up to date)")
+            return [self._with_detail(r, name, files[name], keys[name], seed) for r, name in zip(results, names)]
+        for name in names:
+            note_stale(stamps[name], self.logger)
+        features = method.needs == "features" and features_cached(config)
+        if distilled and self.transfer_logits is None and (method.needs == "logits" or features):
+            self.transfer_logits = transfer_logits(config, self.teachers, self.splits, self.out, self.logger)
+        if distilled and self.transfer_features is None and features:
+            caches = feature_caches(config, self.teachers[0], self.splits, self.out, self.logger)
+            self.transfer_features = [cache.rows() for cache in caches]
+        twin = {"student": names[0]} if not distilled and names[0] else {}  # a peer's scratch twin
+        log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin)
+        resume_from = checkpoint_folder(config, self.out / "students" / f"{files[names[0]]}.ckpt", self.resume)
+        run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
+                   "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin}
+        trained = train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
+                                  self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
+                                  resume=self.resume, run_key=run_key)
+        results = []
+        for name in names:
+            student = trained[name]
+            logits, labels = predict_in_shares(student, self.splits.test, dist)
+            result = {"kind": kind, "labeled_fraction": fraction, "seed": seed,
+                      **({"student": name, "model": self.specs[name]} if name else {}),
+                      "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
+                      **self.test_metrics(logits, labels), "params": count_params(student)}
+            dist.on_main(lambda: save_student(self.out, files[name], student, keys[name], result))
+            results.append(result)
+        if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
+            shutil.rmtree(resume_from, ignore_errors=True)
+        return results
+
+    def test_metrics(self, logits, labels, *, teacher: bool = True) -> dict:
+        """Accuracy, NLL, ECE (and agreement, KL to the teacher) flat, as the report aggregates
+        them; top-5, per-class accuracy, confusion and reliability bins under ``detail``."""
+        metrics = detailed_metrics(logits, labels, teacher_logits=self.teacher_test_logits if teacher else None)
+        flat = ("accuracy", "nll", "ece", "agreement", "kl_to_teacher")
+        return {**{k: metrics[k] for k in flat if k in metrics},
+                "detail": {k: v for k, v in metrics.items() if k not in flat}}
+
+    def _with_detail(self, result: dict, name: str, file: str, key: str, seed: int) -> dict:
+        """A stamp written before softkd 0.4 has no ``detail``: the saved student is evaluated
+        again (a test-set pass, no training) and its stamp completed under the same key."""
+        weights = self.out / "students" / f"{file}.safetensors"
+        if "detail" in result or not weights.exists():
+            return result
+        shape, classes = self.splits.train.input_shape, self.splits.train.num_classes
+        student = build_run_students(self.config, self.method, seed=seed, input_shape=shape,
+                                     num_classes=classes)[name]
+        load_weights(student, weights)
+        logits, labels = predict_in_shares(student.to(select_device(self.config.train.device)), self.splits.test,
+                                            Distributed())
+        result = {**result, **self.test_metrics(logits, labels)}
+        Distributed().on_main(lambda: write_stamp(self.out / "students" / f"{file}.json", key, result))
+        return result
+
+
+def build_run_students(config: RunConfig, method, *, seed: int, input_shape, num_classes: int) -> dict:
+    """The run's students by name, untrained, built as a stage builds them (the config's student
+    first, the method's other peers after it): to load saved weights into, or to time. The global
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):  # building a model draws initial weights
+        first = resolve_model(config.student.model, input_shape=tuple(input_shape), num_classes=num_classes,
+                              kwargs=config.student.kwargs)
+        return method.build_students(first, seed=seed, input_shape=tuple(input_shape), num_classes=num_classes)
+
+
+def predict_in_shares(model, data, dist: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
+    """predict() over ``data``, each process taking a contiguous share (a teacher's pass over
+    the test set is the largest fixed cost of a multi-process run); every process gets it all."""
+    share = -(-len(data) // dist.world)
+    start, stop = min(dist.rank * share, len(data)), min((dist.rank + 1) * share, len(data))
+    mine = None
+    if stop > start:
+        part = data if dist.world == 1 else data.subset(torch.arange(start, stop))
+        mine = predict(model, build_loader(part, batch_size=inference_batch_size(model)))
+    parts = [p for p in dist.gather_object(mine) if p is not None]
+    return torch.cat([logits for logits, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+def save_student(out: Path, name: str, student, key: str, result: dict) -> None:
+    save_weights(student, out / "students" / f"{name}.safetensors")
+    write_stamp(out / "students" / f"{name}.json", key, result)
+
+
+def checkpoint_folder(config: RunConfig, folder: Path, resume: bool) -> Path | None:
+    """The student run's checkpoint folder when checkpoints are on; a fresh start clears it."""
+    if config.train.checkpoint_every is None:
+        return None
+    if not resume and Distributed().is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def train_students(kind, config: RunConfig, method, splits: Splits, transfer, teachers, transfer_logits,
+                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> dict:
+    """The students ``names`` of one stage, trained, by name: each from the same initial weights and
+    with the same data and budget as its twin of the other kind; only the objective differs."""
+    torch.manual_seed(seed)
+    first = resolve_model(config.student.model, input_shape=splits.train.input_shape,
+                          num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
+    train = config.train
+    device = select_device(train.device)
+    first = first.to(device)
+    transfer, val, transfer_logits = resident(device, transfer, splits.val, transfer_logits)
+    budget = dict(val_data=val, epochs=train.epochs, max_steps=train.max_steps, batch_size=train.batch_size,
+                  accumulate=train.accumulate, optimizer=train.optimizer, lr=train.lr,
+                  weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
+                  lr_schedule=train.lr_schedule, warmup_steps=train.warmup_steps,
+                  clip_grad_norm=train.clip_grad_norm, precision=train.precision, cuda_graphs=train.cuda_graphs,
+                  patience=train.patience, monitor=train.monitor, seed=seed,
+                  checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
+                  log_every=train.log_every, **checkpointing)
+    augment = _augment(config)
+    if kind == "scratch":  # the same views as the distilled student
+        student = first if names == [""] else method.build_students(
+            first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
+        views = config.cache.views if augment is not None and config.cache.enabled else None
+        return {names[0]: fit(student, transfer, augment=augment, views=views, **budget).model}
+    return distill(first, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
+                   teacher_features=transfer_features, augment=augment, **budget).students
+
+
+def _augment(config: RunConfig):
+    return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
+

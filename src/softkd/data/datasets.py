@@ -179,6 +179,14 @@ def mnist(*, val_fraction: float = 0.1, seed: int = 0, data_dir: str | None = No
     return _mnist_like("mnist", val_fraction=val_fraction, seed=seed, data_dir=data_dir)
 
 
+def run_splits(data) -> Splits:
+    """The splits of a run config's ``data`` section (:class:`softkd.config.DataConfig`): what
+    the run trained, validated and was tested on, for every command that reads a run again."""
+    return load_splits(data.name, path=data.path, test_path=data.test_path, unlabeled_path=data.unlabeled_path,
+                       label_column=data.label_column, data_dir=data.dir, val_fraction=data.val_fraction,
+                       test_fraction=data.test_fraction, seed=data.seed)
+
+
 def load_splits(
     name: str, *, path: str | None = None, test_path: str | None = None, unlabeled_path: str | None = None,
     label_column: str = "label", data_dir: str | None = None, val_fraction: float = 0.1,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from softkd.evaluate.speed import headline
 from softkd.train.distributed import Distributed
 from softkd.train.runtime import describe_device, select_device
 from softkd.utils import atomic_write_text
@@ -25,23 +26,89 @@ def stats(values: list[float]) -> dict:
     }
 
 
-def verdict(scratch: dict, distilled: dict) -> str:
-    """Distilled minus scratch accuracy against twice its standard error over seeds."""
+def outcome(scratch: dict, distilled: dict) -> tuple[str, float, float | None]:
+    """("helped" | "hurt" | "no clear difference" | "one seed", distilled − scratch mean accuracy,
+    twice its standard error over seeds (None with one seed))."""
     delta = distilled["mean"] - scratch["mean"]
     n = len(scratch["runs"])
-    se = math.sqrt((scratch["std"] ** 2 + distilled["std"] ** 2) / n) if n > 1 else 0.0
-    points = f"{100 * delta:+.1f} points"
     if n < 2:
+        return "one seed", delta, None
+    two_se = 2 * math.sqrt((scratch["std"] ** 2 + distilled["std"] ** 2) / n)
+    return ("helped" if delta > two_se else "hurt" if delta < -two_se else "no clear difference"), delta, two_se
+
+
+def verdict(scratch: dict, distilled: dict) -> str:
+    """Distilled minus scratch accuracy against twice its standard error over seeds."""
+    kind, delta, two_se = outcome(scratch, distilled)
+    points = f"{100 * delta:+.1f} points"
+    if kind == "one seed":
         return f"{points} (one seed: no error estimate)"
-    if delta > 2 * se:
-        return f"distillation helped: {points}"
-    if delta < -2 * se:
-        return f"distillation hurt: {points}"
-    return f"no clear difference: {points} is within 2 standard errors ({100 * 2 * se:.1f})"
+    if kind == "no clear difference":
+        return f"no clear difference: {points} is within 2 standard errors ({100 * two_se:.1f})"
+    return f"distillation {kind}: {points}"
 
 
-SCHEMA_VERSION = 3
-"""report.json's layout. 3 (softkd 0.3): a run without a teacher (``mutual``) has no ``teacher``
+def in_words(student: str, regime: str, entry: dict) -> str:
+    """One regime's outcome as a sentence: whether distillation beat the equal-budget scratch
+    student, by how much, and the share of the gap to the teacher it recovered."""
+    scratch, distilled = entry["scratch"]["accuracy"], entry["distilled"]["accuracy"]
+    kind, delta, two_se = outcome(scratch, distilled)
+    seeds = len(scratch["runs"])
+    figures = (f"{student} with {regime} scored {_mean_std(distilled)} % distilled against {_mean_std(scratch)} % "
+               f"from scratch ({100 * delta:+.1f} points, {seeds} seed{'s' if seeds > 1 else ''})")
+    if kind == "helped":
+        sentence = f"Distillation beat the equal-budget scratch student: {figures}, more than twice the standard error"
+    elif kind == "hurt":
+        sentence = (f"Distillation did worse than the equal-budget scratch student: {figures}, more than twice "
+                    "the standard error")
+    elif kind == "no clear difference":
+        sentence = (f"Distillation made no clear difference: {figures}, within twice the standard error "
+                    f"({100 * two_se:.1f} points)")
+    else:
+        sentence = (f"With one seed there is no error estimate: {figures}; run more seeds (train.seeds) to tell "
+                    "this from noise")
+    gap = entry.get("gap_recovered")
+    if gap is not None and kind != "one seed":
+        teacher = entry["teacher"]["accuracy"]["mean"]
+        sentence += (f"; it recovered {100 * gap:.0f} % of the gap to the teacher ({_pct(teacher)} %)" if gap >= 0 else
+                     f"; the gap to the teacher ({_pct(teacher)} %) grew by {-100 * gap:.0f} % instead of closing")
+    return sentence + "."
+
+
+def pool_details(details: list[dict | None]) -> dict | None:
+    """One detail over seeds: per-class accuracy and top-5 averaged, confusion counts and
+    reliability bins summed (each bin's confidence and accuracy weighted by its count)."""
+    details = [d for d in details if d]
+    if not details:
+        return None
+    n_classes = len(details[0]["per_class_accuracy"])
+    per_class = []
+    for c in range(n_classes):
+        values = [d["per_class_accuracy"][c] for d in details if d["per_class_accuracy"][c] is not None]
+        per_class.append(statistics.fmean(values) if values else None)
+    confusion = None
+    if all(d.get("confusion") is not None for d in details):
+        confusion = [[sum(d["confusion"][i][j] for d in details) for j in range(n_classes)] for i in range(n_classes)]
+    bins = [d["reliability"] for d in details]
+    count = [sum(b["count"][i] for b in bins) for i in range(len(bins[0]["count"]))]
+
+    def weighted(field, i):
+        return (sum(b[field][i] * b["count"][i] for b in bins if b["count"][i]) / count[i]) if count[i] else None
+
+    top5 = [d["top5"] for d in details if d.get("top5") is not None]
+    return {"top5": statistics.fmean(top5) if top5 else None, "per_class_accuracy": per_class,
+            "confusion": confusion,
+            "reliability": {"edges": bins[0]["edges"], "count": count,
+                            "confidence": [weighted("confidence", i) for i in range(len(count))],
+                            "accuracy": [weighted("accuracy", i) for i in range(len(count))]}}
+
+
+SCHEMA_VERSION = 4
+"""report.json's layout. 4 (softkd 0.4): each regime's ``scratch`` and ``distilled`` have a
+``detail`` pooled over seeds (top-5, per-class accuracy, confusion counts, reliability bins), the
+teacher has its own ``detail``, and ``speed`` holds this machine's latency and throughput of the
+teacher and each student architecture, with ``headlines``: the trade in one line per student and
+regime (timings vary between runs, so they stay out of ``students``). 3 (softkd 0.3): a run without a teacher (``mutual``) has no ``teacher``
 and no per-regime ``teacher``, ``gap_recovered`` or ``agreement``; ``students`` is keyed by peer
 name (``peer0``...) with each peer's ``model`` when the method trains several. 2 (softkd 0.2): ``schema_version``, ``method`` holds the method's own
 parameters and its ``formula``, ``teachers`` lists each teacher when there are several (``teacher``
@@ -49,15 +116,16 @@ is then their ensemble). 1 (0.1, no ``schema_version``): ``method`` with tempera
 
 
 def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict | None, runs: list[dict],
-                 splits) -> dict:
+                 splits, speed: dict | None = None) -> dict:
     """``teacher_evals``: each teacher's test metrics (model, params, accuracy...); ``teacher_eval``:
     what they predict together (the one teacher's, or the ensemble's); both empty / None for a
     method without a teacher, whose report then has no teacher fields. One entry per student the
-    method trains (the student, or each peer by name), each beside its own scratch twin."""
+    method trains (the student, or each peer by name), each beside its own scratch twin. ``speed``:
+    evaluate.speed.time_models' figures for ``"teacher"`` and each student architecture."""
     import softkd
 
     metrics = ("accuracy", "ece", "nll", *(("agreement",) if teacher_eval else ()))
-    students = {}
+    students, headlines = {}, {}
     for name, model in method.student_specs(config.student.model).items():
         regimes = {}
         for fraction in config.data.fractions:
@@ -68,6 +136,7 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
                      "transfer_size": first["transfer_size"]}
             for kind, kind_runs in by_kind.items():
                 entry[kind] = {m: stats([r[m] for r in kind_runs]) for m in metrics}
+                entry[kind]["detail"] = pool_details([r.get("detail") for r in kind_runs])
             scratch_acc, distilled_acc = entry["scratch"]["accuracy"]["mean"], entry["distilled"]["accuracy"]["mean"]
             if teacher_eval is not None:
                 teacher_acc = teacher_eval["accuracy"]
@@ -78,12 +147,16 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
             entry["ece"] = entry["distilled"]["ece"]
             entry["params"] = first["params"]
             entry["verdict"] = verdict(entry["scratch"]["accuracy"], entry["distilled"]["accuracy"])
+            timed = speed["models"] if speed else {}
+            if teacher_eval is not None and "teacher" in timed and model in timed:  # timings vary: kept in speed
+                headlines.setdefault(name or model, {})[f"{fraction:.0%} labels"] = headline(
+                    timed["teacher"], timed[model], 100 * (distilled_acc - teacher_acc))
             regimes[f"{fraction:.0%} labels"] = entry
         params = regimes[next(iter(regimes))]["params"]
         students[name or model] = {**({"model": model} if name else {}), "params": params, "regimes": regimes}
     teacher = None
     if teacher_evals:
-        teacher = dict(teacher_evals[0]) if len(teacher_evals) == 1 else {
+        teacher = {**teacher_evals[0], "detail": teacher_eval.get("detail")} if len(teacher_evals) == 1 else {
             "model": f"ensemble of {len(teacher_evals)} ({', '.join(t['model'] for t in teacher_evals)})",
             "params": sum(t["params"] for t in teacher_evals), **teacher_eval}
     return {
@@ -91,6 +164,7 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
         **({"teacher": teacher} if teacher is not None else {}),
         **({"teachers": teacher_evals} if len(teacher_evals) > 1 else {}),
         "students": students,
+        **({"speed": {**speed, "headlines": headlines}} if speed else {}),
         "data": {"name": config.data.name, "train": len(splits.train),
                  "val": len(splits.val) if splits.val is not None else 0, "test": len(splits.test)},
         "method": {**method.key(), "formula": method.describe()},
@@ -135,23 +209,42 @@ def markdown_table(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """report.json, then report.md and report.html rendered from it, into the run directory."""
+    from softkd.report.html import render_html
+
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", f"# softkd report: {report['data']['name']}\n\n" + markdown_section(report))
+    atomic_write_text(out / "report.html", render_html([(out, report)]))
+
+
+def markdown_section(report: dict) -> str:
+    """What report.md says about one run: the method, the table, the outcome in words."""
     seeds = len(report["seeds"])
-    atomic_write_text(out / "report.md", "\n".join([
-        f"# softkd report: {report['data']['name']}",
-        "",
+    words = [in_words(student, regime, r) for student, entry in report["students"].items()
+             for regime, r in entry["regimes"].items()]
+    headlines = [f"- **{student}, {regime}**: {line}" for student, lines in headlines_of(report).items()
+                 for regime, line in lines.items()]
+    return "\n".join([
         (f"Teacher `{report['teacher']['model']}`, method" if "teacher" in report else "No teacher, method") +
         f" `{report['method']['name']}`: "
         f"{report['method']['formula']}.{_teachers_line(report)} Accuracy on the "
-        f"{report['data']['test']}-sample test split, mean ± std over {seeds} seed(s); scratch and distilled "
+        f"{report['data']['test']:,}-sample test split, mean ± std over {seeds} seed(s); scratch and distilled "
         "students share architecture, initialisation, data and step budget" +
         ("; each peer of the cohort is beside its own scratch twin." if _has_peers(report) else "."),
         "",
         markdown_table(report),
         "",
+        *[line for w in words for line in (w, "")],
+        *(headlines + [""] if headlines else []),
         _hardware_line(report),
         "",
-    ]))
+    ])
+
+
+def headlines_of(report: dict) -> dict[str, dict[str, str]]:
+    """The trade in one line per student and regime ("student: 60× fewer parameters, 8.1× lower
+    latency at batch 1, −1.6 points" against the teacher), when the run was timed."""
+    return report.get("speed", {}).get("headlines", {})
 
 
 def _has_peers(report: dict) -> bool:

@@ -1,0 +1,61 @@
+"""The ``softkd`` command: a thin layer that parses arguments and calls the library.
+
+Every error a user can cause prints one line and exits with code 2 (``SOFTKD_DEBUG=1`` shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from softkd.errors import SoftKDError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="softkd: knowledge distillation with honest baselines.")
+console = Console()
+errors = Console(stderr=True)
+
+SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
+
+
+def _user_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SoftKDError as exc:
+            if os.environ.get("SOFTKD_DEBUG") == "1":
+                raise
+            # An error every process raised together (Distributed.together) is printed once.
+            if not getattr(exc, "shared", False) or os.environ.get("RANK", "0") == "0":
+                errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=errors, transient=True, disable=int(os.environ.get("RANK", "0")) > 0)
+
+
+def main() -> None:
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate launch the main process reports
+        console.quiet = True
+    try:
+        app()
+    finally:
+        # The process group the command started goes before the interpreter does (see
+        # softkd.train.distributed); without one, nothing to do and torch is not imported.
+        if "softkd.train.distributed" in sys.modules:
+            sys.modules["softkd.train.distributed"].shutdown()
+
+
+# The commands, registered on ``app`` in the order `softkd --help` lists them.
+from softkd.cli import train, inspection, deliver, data  # noqa: E402, F401
