@@ -82,8 +82,13 @@ def test_onnx_export_prints_its_check_and_holds_the_student_alone(feature_run, o
     assert check["test_samples"] == 359 and check["batch1_samples"] == 64 and check["max_abs_diff"] < 1e-4
     assert check["accuracy_eager"] == pytest.approx(_stamp(feature_run, expected)["accuracy"], abs=1e-6)
     assert abs(check["accuracy_exported"] - check["accuracy_eager"]) <= 1 - MIN_AGREEMENT
-    for figure in ("top-1 agreement", "max |Δlogit|", "eager", "exported", f"{expected}.onnx.json"):
+    for figure in ("top-1 agreement", "max |Δlogit|", "eager", "exported", f"{expected}.onnx.json",
+                   "onnxruntime against eager PyTorch, p50 on cpu", "batch 1 "):
         assert figure in output
+    speed = check["speed"]  # the export against the eager student, timed taking turns
+    assert set(speed["models"]) == {"eager", "onnxruntime"} and set(speed["ratios"]) == {"onnxruntime"}
+    assert speed["ratios"]["onnxruntime"]["batch1"] == pytest.approx(
+        speed["models"]["eager"]["batch1"]["p50_ms"] / speed["models"]["onnxruntime"]["batch1"]["p50_ms"])
     assert not list((feature_run / "export").glob(".*"))  # no temporary file left
     student, _ = load_student(feature_run, expected)
     state = sum(t.numel() for t in student.state_dict().values() if t.is_floating_point())

@@ -34,7 +34,7 @@ from torch import nn
 
 from softkd.config import RunConfig, load_config
 from softkd.data.datasets import Splits, run_splits
-from softkd.evaluate.speed import OnnxModel
+from softkd.evaluate.speed import OnnxModel, time_models
 from softkd.errors import ConfigError, DataError, SoftKDError, UnknownNameError, first_line
 from softkd.methods import build_method
 from softkd.models.loading import resolve_model
@@ -90,7 +90,9 @@ def export_student(run_dir: str | Path, *, format: str = "onnx", student: str | 
     on the run's test split before it is written. Returns the check (also written beside the file
     as ``<file>.json``): ``path``, ``format``, ``exporter``, ``agreement`` (batch 256, whole test
     split), ``agreement_batch1``, ``max_abs_diff`` (largest |logit difference|), ``accuracy_eager``,
-    ``accuracy_exported``, ``size_bytes`` and how the student was built."""
+    ``accuracy_exported``, ``size_bytes``, how the student was built and, for ONNX, ``speed``: the
+    eager student and the export timed on this machine (``time_models``; ``ratios.onnxruntime``
+    is eager ÷ onnxruntime)."""
     if format not in FORMATS:
         close = difflib.get_close_matches(str(format), list(FORMATS), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -123,11 +125,13 @@ def export_student(run_dir: str | Path, *, format: str = "onnx", student: str | 
         if made_folder and not any(target.parent.iterdir()):
             target.parent.rmdir()
         raise
+    speed = _onnx_speed(model, target, info["input_shape"]) if format == "onnx" else None
     result = {"path": str(target), "format": format, "exporter": exporter, "student": info["name"],
               "selected_by": info["selected_by"], "model": info["model"], "kwargs": info["kwargs"],
               "input_shape": list(info["input_shape"]), "input_dtype": "float32", "num_classes": info["num_classes"],
               "data": info["data"], **check, "accuracy_run": info["test_accuracy"],
-              "size_bytes": target.stat().st_size, "softkd_version": _version(), "torch_version": torch.__version__}
+              "size_bytes": target.stat().st_size, **({"speed": speed} if speed else {}),
+              "softkd_version": _version(), "torch_version": torch.__version__}
     atomic_write_text(target.with_name(target.name + ".json"), json.dumps(result, indent=2))
     return result
 
@@ -145,6 +149,13 @@ def load_exported(path: str | Path, *, format: str | None = None) -> tuple[Calla
     if not path.is_file():
         raise DataError(f"Exported model '{path}' not found.")
     return _LOADERS[format](path)
+
+
+def _onnx_speed(model: nn.Module, path: Path, input_shape) -> dict:
+    """The eager student and its ONNX export timed taking turns on this machine (a few seconds):
+    what deploying the export buys here, as time_models reports it."""
+    return time_models({"eager": model, "onnxruntime": OnnxModel(path)}, tuple(input_shape), budget_s=3.0,
+                       reference="eager")
 
 
 def write_onnx(model: nn.Module, path: str | Path, *, input_shape) -> str:

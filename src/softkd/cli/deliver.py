@@ -72,6 +72,15 @@ def export(
         delta = "identical" if exported == eager else f"exported {100 * (exported - eager):+.2f} points"
         console.print(f"  test accuracy {100 * eager:.2f}% eager, {100 * exported:.2f}% exported ({delta})",
                       highlight=False)
+    if "speed" in result:
+        speed, parts = result["speed"], []
+        for batch in ("batch1", "batch256"):
+            eager_ms, onnx_ms = (speed["models"][k][batch]["p50_ms"] for k in ("eager", "onnxruntime"))
+            ratio = eager_ms / onnx_ms
+            pace = f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower"
+            parts.append(f"batch {batch.removeprefix('batch')} {onnx_ms:.2f} ms against {eager_ms:.2f} ms ({pace})")
+        console.print(f"onnxruntime against eager PyTorch, p50 on {speed['device']}: {'; '.join(parts)}",
+                      highlight=False)
     console.print(f"Check written to {result['path']}.json", highlight=False)
 
 
