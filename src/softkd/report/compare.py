@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from softkd.errors import ConfigError
-from softkd.report.summary import in_words, stats, verdict
+from softkd.report.summary import _mean_std, in_words, stats, verdict
 
 
 def load_report(run_dir: Path) -> dict:
@@ -78,7 +78,3 @@ def comparison_cells(row: dict) -> list[str]:
 def comparison_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     return "\n".join(lines + ["| " + " | ".join(comparison_cells(r)) + " |" for r in rows])
-
-
-def _mean_std(s: dict) -> str:
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
