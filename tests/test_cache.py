@@ -6,8 +6,6 @@ import json
 import math
 import pickle
 import re
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -373,8 +371,12 @@ def test_fp16_range_is_checked_on_the_logits_the_cache_stores(tmp_path, wide):
 ])
 def test_cache_build_refuses_bad_sizes_before_writing(tmp_path, setting, message):
     (tmp_path / "run.yaml").write_text("data: {name: digits}\nteacher: {model: mlp-8, epochs: 1}\n")
-    proc = subprocess.run([sys.executable, "-m", "softkd.cli", "cache", "build", str(tmp_path / "run.yaml"),
-                           "--out", str(tmp_path / "run"), "--set", setting], capture_output=True, text=True)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert re.search(message, proc.stderr), proc.stderr
+    from typer.testing import CliRunner
+
+    from softkd.cli import app
+
+    result = CliRunner().invoke(app, ["cache", "build", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
+                                      "--set", setting])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "run").exists()

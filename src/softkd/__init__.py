@@ -3,6 +3,7 @@
 __version__ = "0.4.0"
 
 from softkd.cache import SoftLabelCache
+from softkd.cascade import Cascade, calibrate_run, export_cascade, load_cascade
 from softkd.config import RunConfig, load_config
 from softkd.data import ArrayDataset, build_dataset, build_loader, keep_labels
 from softkd.errors import SoftKDError
@@ -20,11 +21,11 @@ from softkd.train.distill import distill
 from softkd.train.loop import FitResult, fit
 
 __all__ = [
-    "DIST", "DKD", "ArrayDataset", "Feature", "FitResult", "Method", "MethodParams", "MultiTeacher", "Mutual",
-    "RunConfig", "SoftKDError",
-    "SoftLabelCache", "SoftTarget", "Supervised", "Teacher",
-    "__version__", "build_dataset", "build_loader", "build_method", "build_model", "build_objective", "distill",
-    "detailed_metrics", "evaluate", "evaluate_checkpoint", "export_student", "fit", "kd_objective", "keep_labels",
-    "list_models", "list_students", "load_config", "load_exported", "load_student", "render_reports",
-    "run_experiment", "soft_target_kl", "soften", "time_models", "validate_soft_targets",
+    "ArrayDataset", "Cascade", "DIST", "DKD", "Feature", "FitResult", "Method", "MethodParams", "MultiTeacher",
+    "Mutual", "RunConfig", "SoftKDError", "SoftLabelCache", "SoftTarget", "Supervised", "Teacher", "__version__",
+    "build_dataset", "build_loader", "build_method", "build_model", "build_objective", "calibrate_run",
+    "detailed_metrics", "distill", "evaluate", "evaluate_checkpoint", "export_cascade", "export_student", "fit",
+    "kd_objective", "keep_labels", "list_models", "list_students", "load_cascade", "load_config", "load_exported",
+    "load_student", "render_reports", "run_experiment", "soft_target_kl", "soften", "time_models",
+    "validate_soft_targets",
 ]

@@ -79,7 +79,7 @@ def load_student(run_dir: str | Path, name: str | None = None) -> tuple[nn.Modul
     distilled student with the best validation accuracy), or None: the distilled student with the
     best validation accuracy. Ties go to the larger labeled fraction, then the lower seed, then
     the name; without validation scores that order alone decides. Test accuracy never does."""
-    model, info, _ = _load(Path(run_dir), name)
+    model, info, _ = load_run_student(Path(run_dir), name)
     return model, info
 
 
@@ -103,7 +103,7 @@ def export_student(run_dir: str | Path, *, format: str = "onnx", student: str | 
     if out is not None and not Path(out).is_dir() and Path(out).suffix != ext:
         raise ConfigError(f"The export path '{out}' must end in {ext} for format '{format}'; rename it or "
                           "choose the format that fits.")
-    model, info, splits = _load(run, student)
+    model, info, splits = load_run_student(run, student)
     target = run / "export" if out is None else Path(out)
     target = target / f"{info['name']}{ext}" if out is None or target.is_dir() else target
     x, labels = splits.test.x.float(), splits.test.y
@@ -218,7 +218,8 @@ def _select(students: list[dict], name: str | None, run: Path) -> tuple[dict, st
     return top, f"best validation accuracy ({100 * top['val_accuracy']:.2f}%) among {what}"
 
 
-def _load(run: Path, name: str | None) -> tuple[nn.Module, dict, Splits]:
+def load_run_student(run: Path, name: str | None) -> tuple[nn.Module, dict, Splits]:
+    """:func:`load_student`, with the run's data splits it was built for."""
     config = _run_config(run)
     entry, selected_by = _select(_students(run, config), name, run)
     splits = run_splits(config.data)

@@ -152,3 +152,65 @@ def evaluate(
     target = json_out or checkpoint.with_name(checkpoint.name + ".eval.json")
     atomic_write_text(target, json.dumps(result, indent=2))
     console.print(f"Metrics written to {target}", highlight=False)
+
+
+@app.command()
+@_user_errors
+def cascade(
+    run_dir: Path = typer.Argument(..., help="A run directory with a teacher and a validation split."),
+    student: Optional[str] = typer.Option(None, "--student", help="The first stage, named as in `softkd export "
+                                          "--student`; default: the distilled student with the best validation "
+                                          "accuracy. Its scratch twin gets a curve too."),
+    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Validation accuracy to reach "
+                                                    "with the fewest deferrals, as a fraction (0.93); default: the "
+                                                    "teacher's validation accuracy."),
+    max_teacher_fraction: Optional[float] = typer.Option(None, "--max-teacher-fraction", help="Defer at most this "
+                                                         "share of inputs (0.1), with the best validation accuracy."),
+    confidence: str = typer.Option("max-prob", "--confidence", help="max-prob (largest softmax probability) or "
+                                   "margin (top minus runner-up)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads while timing; default torch's."),
+    budget: float = typer.Option(20.0, "--budget", help="Seconds each model is timed for, at most (the test split "
+                                 "at batch 256)."),
+    export_: bool = typer.Option(False, "--export", help="Also write RUN_DIR/export/cascade/ (two ONNX models and "
+                                 "the threshold), checked against the PyTorch cascade on the test split."),
+):
+    """The student answers first and the teacher only where the student is unsure: choose the
+    confidence threshold on the validation split (never the test split), then report on the test
+    split the cascade's accuracy, share deferred and measured latency against the student alone
+    and the teacher alone. Writes RUN_DIR/cascade/cascade.json and .png, and adds the cascade to
+    the run's report.
+
+    Examples: softkd cascade runs/demo; softkd cascade runs/demo --max-teacher-fraction 0.1 --export
+    """
+    from softkd.cascade import calibrate_run, export_cascade
+
+    result = calibrate_run(run_dir, student=student, target_accuracy=target_accuracy,
+                           max_teacher_fraction=max_teacher_fraction, confidence=confidence, threads=threads,
+                           budget_s=budget)
+    latency = result["latency"]
+    table = Table(box=None, padding=(0, 1))
+    for header in ("test split", "accuracy", "deferred", "ms/sample", "per s"):
+        table.add_column(header, no_wrap=True)
+    models = latency["models"]
+    table.add_row(f"teacher {result['teacher']['model']}", f"{100 * result['teacher']['test_accuracy']:.2f}%", "100%",
+                  f"{models['teacher']['ms_per_sample']:.3g}", f"{models['teacher']['throughput_per_s']:.0f}")
+    for role, s in result["students"].items():
+        alone = models[f"student {role}"]
+        table.add_row(f"{role} {s['model']} alone", f"{100 * s['test_accuracy_alone']:.2f}%", "0%",
+                      f"{alone['ms_per_sample']:.3g}", f"{alone['throughput_per_s']:.0f}")
+        if "test" in s:
+            t = s["test"]
+            table.add_row(f"cascade ({role}, t={s['threshold']:.3f})", f"{100 * t['accuracy']:.2f}%",
+                          f"{100 * t['fraction']:.1f}%", f"{t['ms_per_sample']:.3g}", f"{t['throughput_per_s']:.0f}")
+    console.print(table)
+    console.print(result["sentence"], highlight=False)
+    console.print(result["comparison"], highlight=False)
+    console.print(f"Timed at batch {latency['batch_size']} on {latency['batches']} test batches, "
+                  f"{latency['threads']} thread(s), {latency['device']}. Wrote {run_dir / 'cascade' / 'cascade.json'}",
+                  highlight=False)
+    if export_:
+        made = export_cascade(run_dir)
+        check = made["check"]
+        console.print(f"Exported to {made['path']}: predictions agree with the PyTorch cascade on "
+                      f"{100 * check['agreement']:.2f}% of {check['test_samples']} test samples, deferrals on "
+                      f"{100 * check['deferral_agreement']:.2f}%.", highlight=False)

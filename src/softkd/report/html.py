@@ -12,7 +12,7 @@ from softkd.report import plots
 from softkd.report.compare import HEADERS as COMPARISON_HEADERS
 from softkd.report.compare import comparison_cells
 from softkd.report.curves import epoch_records
-from softkd.report.summary import HEADERS, headlines_of, in_words, table_rows
+from softkd.report.summary import HEADERS, cascade_note, headlines_of, in_words, table_rows
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 68rem;
@@ -67,6 +67,10 @@ def _run_section(run_dir: Path, report: dict, *, heading: bool) -> str:
     out.append(_table(HEADERS, table_rows(report)))
     if report.get("speed"):
         out.append(_speed_table(report["speed"]))
+    if report.get("cascade"):
+        c = report["cascade"]
+        out.append(f"<p class='headline'>{_e(c['sentence'])}</p><p class='words'>{_e(c['comparison'])} "
+                   f"{_e(cascade_note(c))}</p>")
     out += _figures(run_dir, report)
     hw, versions = report.get("hardware", {}), report.get("versions", {})
     out.append(f"<p class='meta'>Ran on {_e(hw.get('device', '?'))}, {_e(hw.get('precision', '?'))}; softkd "
@@ -100,6 +104,9 @@ def figures(run_dir: Path, report: dict) -> list[tuple[str, bytes, str]]:
                           plots.confusion_and_change(r["distilled"].get("detail"), r["scratch"].get("detail")),
                           f"{student}, {regime}: the distilled student's confusions (seeds summed) and its "
                           "per-class accuracy minus the scratch student's."))
+    if report.get("cascade"):
+        found.append(("cascade", plots.cascade_curves(report["cascade"]),
+                      "Cascade on the validation split: accuracy against cost; dots: the chosen thresholds."))
     return [(f"{name}.png", png, caption) for name, png, caption in found if png is not None]
 
 

@@ -148,6 +148,34 @@ def confusion_and_change(distilled: dict, scratch: dict, class_names=None) -> by
     return _png(fig)
 
 
+def cascade_curves(cascade: dict) -> bytes | None:
+    """Validation accuracy of each student's cascade against its cost (student + deferred share ×
+    teacher, as a share of the teacher's measured latency per sample), the chosen points marked."""
+    students = cascade.get("students") or {}
+    if not students:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for role, entry in students.items():
+        curve = entry["curve"]
+        cost = [100 * c for c in curve["cost_of_teacher"]]
+        acc = [100 * a for a in curve["accuracy"]]
+        color = COLORS.get(role, "#333333")
+        ax.plot(cost, acc, color=color, lw=1.4, label=f"{role} {entry['model']} first")
+        if curve.get("chosen") is not None:
+            i = curve["chosen"]
+            ax.scatter([cost[i]], [acc[i]], color=color, s=36, zorder=3, edgecolor="black", linewidth=0.6)
+    ax.axhline(100 * cascade["teacher"]["val_accuracy"], color=COLORS["teacher"], ls="--", lw=1,
+               label=f"teacher {cascade['teacher']['model']} alone")
+    low = min(100 * e["curve"]["accuracy"][0] for e in students.values())
+    ax.set_ylim(max(0.0, low - 1), 100 * max(max(e["curve"]["accuracy"]) for e in students.values()) + 0.8)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel(f"cost, % of the teacher's latency per sample ({cascade['latency']['threads']} thread(s))")
+    ax.set_ylabel("validation accuracy %")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
     by_epoch = {}
     for curve in curves:

@@ -236,9 +236,37 @@ def markdown_section(report: dict) -> str:
         "",
         *[line for w in words for line in (w, "")],
         *(headlines + [""] if headlines else []),
+        *(_cascade_lines(report["cascade"]) if report.get("cascade") else []),
         _hardware_line(report),
         "",
     ])
+
+
+def cascade_note(cascade: dict) -> str:
+    """How the cascade was chosen and measured, in one sentence."""
+    target = cascade["target"]
+    goal = (f"deferring at most {100 * target['max_teacher_fraction']:.0f} %" if "max_teacher_fraction" in target
+            else f"{100 * target['accuracy']:.2f} % validation accuracy" +
+            (f" ({target['default']})" if target.get("default") else ""))
+    latency = cascade["latency"]
+    return (f"Threshold on the student's {cascade['confidence']} confidence, chosen on the "
+            f"{cascade['splits']['val']:,}-sample validation split for {goal}; the test split played no part. "
+            f"Cost: latency per sample at batch {latency['batch_size']}, measured on {latency['batches']} test "
+            f"batches with {latency['threads']} thread(s) on {latency['device']}.")
+
+
+def _cascade_lines(cascade: dict) -> list[str]:
+    rows = ["| first stage | threshold | val acc % | deferred (val) | test acc % | deferred (test) | cost of teacher |",
+            "|---|---|---|---|---|---|---|"]
+    for role, s in cascade["students"].items():
+        if "test" not in s:
+            rows.append(f"| {role} {s['model']} | target not reached | | | | | |")
+            continue
+        rows.append(f"| {role} {s['model']} | {s['threshold']:.4f} | {100 * s['val']['accuracy']:.2f} | "
+                    f"{100 * s['val']['fraction']:.1f} % | {100 * s['test']['accuracy']:.2f} | "
+                    f"{100 * s['test']['fraction']:.1f} % | {100 * s['test']['cost_of_teacher']:.0f} % |")
+    return ["## Cascade", "", f"**{cascade['sentence']}**", "", *rows, "", cascade["comparison"], "",
+            cascade_note(cascade), ""]
 
 
 def headlines_of(report: dict) -> dict[str, dict[str, str]]:
