@@ -16,7 +16,7 @@ from torch import nn
 
 from softkd.cascade.model import Cascade, cascade_curve, combine, pick_point
 from softkd.errors import ConfigError, DataError
-from softkd.export import _run_config, list_students, load_run_student
+from softkd.export import _predict, _run_config, list_students, load_run_student
 from softkd.models.loading import resolve_model
 from softkd.models.weights import load_weights
 from softkd.train.runtime import describe_device
@@ -62,19 +62,19 @@ def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, confidenc
         raise DataError(f"The run in '{run}' has no validation split to choose a threshold on (data.val_fraction "
                         "is 0); a cascade is never calibrated on the test split. Rerun with data.val_fraction > 0.")
     teacher, teacher_weights = load_run_teacher(run, config, splits.train.input_shape, splits.train.num_classes)
-    students = {"distilled" if info["kind"] == "distilled" else info["kind"]: (model, info)}
+    students = {info["kind"]: (model, info)}
     twin = _scratch_twin(run, info)
     if twin is not None:
         students["scratch"] = load_run_student(run, twin)[:2]
 
     val_x, val_y = _labeled(splits.val, "validation")
-    teacher_val = _logits(teacher, val_x)
+    teacher_val = _predict(teacher, val_x, BATCH)
     target = {"max_teacher_fraction": max_teacher_fraction} if max_teacher_fraction is not None else \
         {"accuracy": target_accuracy} if target_accuracy is not None else \
         {"accuracy": _accuracy(teacher_val, val_y), "default": "the teacher's validation accuracy"}
     chosen = {}
     for role, (m, i) in students.items():
-        curve = cascade_curve(_logits(m, val_x), teacher_val, val_y, confidence_kind=confidence)
+        curve = cascade_curve(_predict(m, val_x, BATCH), teacher_val, val_y, confidence_kind=confidence)
         try:
             point = pick_point(curve, target_accuracy=target.get("accuracy"),
                                max_teacher_fraction=target.get("max_teacher_fraction"))
@@ -86,12 +86,12 @@ def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, confidenc
         chosen[role] = {"student": i, "curve": curve, "point": point}
     # --- the test split: scored and timed only now, with the thresholds already fixed ---
     test_x, test_y = _labeled(splits.test, "test")
-    teacher_test = _logits(teacher, test_x)
+    teacher_test = _predict(teacher, test_x, BATCH)
     timed = {"teacher": teacher}
     results = {}
     for role, c in chosen.items():
         m, curve, point = students[role][0], c["curve"], c["point"]
-        student_test = _logits(m, test_x)
+        student_test = _predict(m, test_x, BATCH)
         entry = {"name": c["student"]["name"], "model": c["student"]["model"],
                  "val_accuracy_alone": curve["accuracy"][0], "test_accuracy_alone": _accuracy(student_test, test_y)}
         if point is not None:
@@ -230,11 +230,6 @@ def _labeled(split, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not keep.any():
         raise DataError(f"The {what} split has no labels; a cascade is scored on labelled samples.")
     return split.x[keep].float(), split.y[keep].long()
-
-
-@torch.inference_mode()
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(x[i:i + BATCH]).float() for i in range(0, len(x), BATCH)])
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
