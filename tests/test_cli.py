@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,26 @@ def test_ls_lists_registered_names():
     models = _invoke("ls", "models").output
     assert "mlp-<h>" in models and "resnet-64 1,226,442" in models and "wrn-40-2         params: wrn-40-2 2,243,258" in models
     assert _invoke("ls", "gadgets").exit_code == 2
+
+
+def test_teacher_augment_trains_on_views_and_leaves_earlier_teachers_up_to_date(tmp_path):
+    from softkd.config import load_config
+    from softkd.pipeline import _teacher_key
+    from softkd.stages import stage_hash
+
+    plain, shifted = tmp_path / "plain.yaml", tmp_path / "shifted.yaml"
+    plain.write_text("data: {shift: 1}\nteacher: {model: mlp-32, epochs: 2, lr: 1.0e-2}\n")
+    shifted.write_text("data: {shift: 1}\nteacher: {model: mlp-32, epochs: 2, lr: 1.0e-2, augment: shift-flip}\n")
+    for config in (plain, shifted):
+        assert _invoke("teacher", config, "--out", tmp_path / config.stem).exit_code == 0
+    stamps = [json.loads((tmp_path / name / "teacher.json").read_text()) for name in ("plain", "shifted")]
+    assert stamps[0]["key"] != stamps[1]["key"]  # an augmented teacher is another teacher
+    weights = [(tmp_path / name / "teacher.safetensors").read_bytes() for name in ("plain", "shifted")]
+    assert weights[0] != weights[1]  # same seed, same data: only the views differ
+    root = Path(__file__).parents[1]  # a teacher stamped before teacher.augment existed keeps its key
+    committed = load_config(root / "configs" / "teacher-resnet32-fashion-mnist.yaml")
+    key = stage_hash(committed.data.model_dump(exclude={"labeled_fraction"}), _teacher_key(committed.teacher))
+    assert key == json.loads((root / "teachers" / "resnet32-fashion-mnist" / "teacher.json").read_text())["key"]
 
 
 def test_console_script_prints_one_line_without_traceback(tmp_path):

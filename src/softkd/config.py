@@ -96,6 +96,9 @@ class TeacherConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     lr_schedule: Literal["constant", "cosine", "onecycle", "step"] = "constant"
+    augment: Literal["shift", "shift-flip"] | None = None
+    """Augmentation of the teacher's own training images (a fresh seeded view every epoch, at most
+    ``data.shift`` pixels); independent of ``data.augment``, which is the students'."""
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from softkd.config import RunConfig, dump_config
+from softkd.data.augment import build_augment
 from softkd.data.datasets import Splits, keep_labels, run_splits
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
@@ -190,6 +191,12 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     return out
 
 
+def _teacher_key(t, mode: str = "python") -> dict:
+    """The trained teacher's settings (without augmentation when it has none, so the teachers
+    trained before ``teacher.augment`` existed stay up to date)."""
+    return t.model_dump(mode=mode, exclude={"checkpoint"} | ({"augment"} if t.augment is None else set()))
+
+
 def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path, logger: RunLog,
                    resume: bool = False) -> str:
     """Train the teacher unless it was loaded or an up-to-date one is in ``out``; returns its key
@@ -205,7 +212,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
     if t.checkpoint:
         logger.skip(t.epochs, "teacher (loaded)")
         return stage_hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
-    key = stage_hash(config.data.model_dump(exclude={"labeled_fraction"}), t.model_dump(exclude={"checkpoint"}))
+    key = stage_hash(config.data.model_dump(exclude={"labeled_fraction"}), _teacher_key(t))
     weights = out / "teacher.safetensors"
     if read_stamp(out / "teacher.json", key) is not None and weights.is_file():
         load_weights(teacher, weights)
@@ -222,11 +229,12 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
 
     fit(teacher, splits.train, val_data=splits.val, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         batch_size=t.batch_size, lr_schedule=t.lr_schedule, seed=config.data.seed, log=log_and_keep,
+        augment=build_augment(t.augment, shift=config.data.shift, seed=config.data.seed),
         log_every=config.train.log_every, cuda_graphs=config.train.cuda_graphs,
         checkpoint_dir=checkpoint_folder(config, out / "teacher.ckpt", resume), resume=resume,
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
         run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
-                 "teacher": t.model_dump(mode="json", exclude={"checkpoint"})})
+                 "teacher": _teacher_key(t, mode="json")})
 
     def save() -> None:
         save_weights(teacher, weights)
