@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,52 +20,58 @@ from softkd.data.datasets import digits
 from softkd.methods import SoftTarget
 from softkd.models import build_model
 from softkd.models.weights import save_weights
-torch.set_num_threads(1)
-out, accumulate, optimizer, max_steps, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-splits = digits()
-x, y = splits.train.x[:n], splits.train.y[:n].clone()
-y[::3] = -1
-y[:50] = -1                                   # labeled and unlabeled samples spread unevenly
-torch.manual_seed(0)
-teacher = build_model("mlp-64", input_shape=(1, 8, 8), num_classes=10)
-torch.manual_seed(1)
-student = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
-records = []
-softkd.fit(student, softkd.ArrayDataset(x, y), objective=SoftTarget(teacher=teacher, temperature=3.0, beta=0.6),
-           val_data=splits.val, batch_size=128, accumulate=accumulate, max_steps=max_steps, epochs=2,
-           optimizer=optimizer, lr=0.05, momentum=0.0, weight_decay=1e-2, log=records.append)
 from softkd.train.distributed import Distributed
+torch.set_num_threads(1)
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+splits = digits()
 rank = int(os.environ.get("RANK", "0"))
 assert Distributed().rank == rank and Distributed().world == int(os.environ.get("WORLD_SIZE", "1"))
-if rank == 0:
-    save_weights(student, out + "/weights.safetensors")
-json.dump(records, open(f"{out}/log-{rank}.json", "w"))
+for case, (accumulate, optimizer, max_steps, n) in enumerate(cases):  # one launch trains every case
+    x, y = splits.train.x[:n], splits.train.y[:n].clone()
+    y[::3] = -1
+    y[:50] = -1                                   # labeled and unlabeled samples spread unevenly
+    torch.manual_seed(0)
+    teacher = build_model("mlp-64", input_shape=(1, 8, 8), num_classes=10)
+    torch.manual_seed(1)
+    student = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
+    records = []
+    softkd.fit(student, softkd.ArrayDataset(x, y), objective=SoftTarget(teacher=teacher, temperature=3.0, beta=0.6),
+               val_data=splits.val, batch_size=128, accumulate=accumulate, max_steps=max_steps, epochs=2,
+               optimizer=optimizer, lr=0.05, momentum=0.0, weight_decay=1e-2, log=records.append)
+    if rank == 0:
+        save_weights(student, f"{out}/weights-{case}.safetensors")
+    json.dump(records, open(f"{out}/log-{rank}-{case}.json", "w"))
 """
 
-
-def _train(folder, *, processes, accumulate=1, optimizer="sgd", max_steps=1, samples=512):
-    folder.mkdir()
-    script = folder / "train.py"
-    script.write_text(SCRIPT)
-    _launch([str(script), str(folder), str(accumulate), optimizer, str(max_steps), str(samples)], processes=processes,
-            cwd=folder)
-    return load_file(folder / "weights.safetensors")
+# (accumulate on 2 processes, optimizer, max_steps, samples). 416 samples: each epoch's last step
+# is one micro-batch of 32, so process 1 has none (it runs a zero-weight backward pass for DDP's
+# all-reduce, which must change nothing).
+CASES = [(1, "sgd", 1, 512), (2, "adamw", 8, 512), (2, "adamw", 8, 416)]
 
 
-# 416 samples: each epoch's last step is one micro-batch of 32, so process 1 has none (it runs a
-# zero-weight backward pass for DDP's all-reduce, which must change nothing).
-@pytest.mark.parametrize("accumulate, optimizer, max_steps, samples", [(1, "sgd", 1, 512), (2, "adamw", 8, 512),
-                                                                        (2, "adamw", 8, 416)])
-def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, accumulate, optimizer, max_steps, samples):
-    one = _train(tmp_path / "one", processes=1, optimizer=optimizer, max_steps=max_steps, samples=samples)
-    two = _train(tmp_path / "two", processes=2, accumulate=accumulate, optimizer=optimizer, max_steps=max_steps,
-                 samples=samples)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every case trained on 1 process and on 2, in one launch each (a launch costs seconds)."""
+    root = tmp_path_factory.mktemp("like-one")
+    for processes in (1, 2):
+        folder = root / str(processes)
+        folder.mkdir()
+        (folder / "train.py").write_text(SCRIPT)
+        cases = [[accumulate if processes == 2 else 1, *rest] for accumulate, *rest in CASES]
+        _launch([str(folder / "train.py"), str(folder), json.dumps(cases)], processes=processes, cwd=folder)
+    return root
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_two_processes_train_like_one_on_the_same_global_batch(trained, case):
+    one, two = (load_file(trained / p / f"weights-{case}.safetensors") for p in ("1", "2"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     # metrics are reduced over processes, and only rank 0 logs
-    assert not (tmp_path / "two" / "log-1.json").read_text().strip("[]")
-    logged = {p: json.loads((tmp_path / p / "log-0.json").read_text()) for p in ("one", "two")}
-    for a, b in zip(logged["one"], logged["two"]):
+    assert not (trained / "2" / f"log-1-{case}.json").read_text().strip("[]")
+    logged = {p: json.loads((trained / p / f"log-0-{case}.json").read_text()) for p in ("1", "2")}
+    assert len(logged["1"]) == len(logged["2"]) > 0
+    for a, b in zip(logged["1"], logged["2"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
 
@@ -245,8 +252,10 @@ def test_two_process_run_killed_and_resumed_gives_the_same_weights_bit_for_bit(t
     script.write_text(RESUME_SCRIPT)
     for name in ("clean", "killed"):
         (tmp_path / name).mkdir()
-    _launch([str(script), str(tmp_path / "clean"), "0", "0"], processes=2, cwd=tmp_path)
     victim = _launch([str(script), str(tmp_path / "killed"), "0", "0.05"], processes=2, cwd=tmp_path, wait=False)
+    # the uninterrupted run trains meanwhile (the victim mostly sleeps between its steps)
+    clean = ThreadPoolExecutor(1).submit(_launch, [str(script), str(tmp_path / "clean"), "0", "0"], processes=2,
+                                         cwd=tmp_path)
     ckpt = tmp_path / "killed" / "ckpt"
     deadline = time.time() + 120
     # Past the first epoch (14 steps), where the processes' RNG states have parted: the last
@@ -260,6 +269,7 @@ def test_two_process_run_killed_and_resumed_gives_the_same_weights_bit_for_bit(t
     saved = torch.load(sorted(ckpt.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert len(saved["rng"]) == 2  # one RNG state per process
     _launch([str(script), str(tmp_path / "killed"), "1", "0"], processes=2, cwd=tmp_path)
+    clean.result()  # its assertions (exit code, exit probe) too
     a, b = (load_file(tmp_path / name / "final.safetensors") for name in ("clean", "killed"))
     assert a.keys() == b.keys()
     for key in a:
@@ -283,7 +293,7 @@ from torch import nn
 from softkd.data.datasets import digits
 from softkd.errors import SoftKDError
 torch.set_num_threads(1)
-out, what = sys.argv[1], sys.argv[2]
+out = sys.argv[1]
 rank = int(os.environ.get("RANK", "0"))
 splits = digits()
 
@@ -291,52 +301,60 @@ splits = digits()
 class Poisoned(nn.Module):
     # NaN outputs from the 5th training forward pass on, on process 1 only (the cache build: on
     # the inputs marked with 99, which lie in process 1's shard only).
-    def __init__(self):
+    def __init__(self, what):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        self.calls = 0
+        self.calls, self.what = 0, what
 
     def forward(self, x):
         out = self.net(x)
-        if what == "cache":
+        if self.what == "cache":
             return torch.where((x.flatten(1).amax(1) > 98)[:, None], torch.full_like(out, float("nan")), out)
         self.calls += self.training
         return out * float("nan") if rank == 1 and self.calls >= 5 else out
 
 
-try:
-    if what == "cache":
-        x = splits.train.x.clone()
-        x[300] = 99.0  # shard 1 of 256-sample shards: process 1's
-        data = softkd.ArrayDataset(x, splits.train.y, num_classes=10)
-        softkd.SoftLabelCache.build(out + "/cache", Poisoned(), data, fingerprint={"test": 1}, shard_size=256)
-    else:
-        softkd.fit(Poisoned(), splits.train, epochs=2, batch_size=64, checkpoint_dir=out + "/ckpt",
-                   checkpoint_every=3)
-    result = "finished"
-except SoftKDError as exc:
-    result = f"{type(exc).__name__} shared={getattr(exc, 'shared', False)}: {exc}"
-json.dump(result, open(f"{out}/result-{rank}.json", "w"))
+for what in ("cache", "train"):  # one launch, two failures: after a shared error the group goes on
+    try:
+        if what == "cache":
+            x = splits.train.x.clone()
+            x[300] = 99.0  # shard 1 of 256-sample shards: process 1's
+            data = softkd.ArrayDataset(x, splits.train.y, num_classes=10)
+            softkd.SoftLabelCache.build(out + "/cache", Poisoned(what), data, fingerprint={"test": 1},
+                                        shard_size=256)
+        else:
+            softkd.fit(Poisoned(what), splits.train, epochs=2, batch_size=64, checkpoint_dir=out + "/ckpt",
+                       checkpoint_every=3)
+        result = "finished"
+    except SoftKDError as exc:
+        result = f"{type(exc).__name__} shared={getattr(exc, 'shared', False)}: {exc}"
+    json.dump(result, open(f"{out}/result-{what}-{rank}.json", "w"))
 """
 
 
+@pytest.fixture(scope="module")
+def failed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("failing")
+    (root / "fail.py").write_text(FAILING_SCRIPT)
+    _launch([str(root / "fail.py"), str(root)], processes=2, cwd=root, timeout=180)
+    return root
+
+
 @pytest.mark.parametrize("what", ["cache", "train"])
-def test_an_error_on_one_process_stops_every_process_with_the_same_message(tmp_path, what):
+def test_an_error_on_one_process_stops_every_process_with_the_same_message(failed, what):
     # Without this, the other process goes on to its next collective and dies there with gloo's
     # 'Connection closed by peer' when the failing one exits (seen: the test then fails here).
-    (tmp_path / "fail.py").write_text(FAILING_SCRIPT)
-    _launch([str(tmp_path / "fail.py"), str(tmp_path), what], processes=2, cwd=tmp_path, timeout=180)
-    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    results = [json.loads((failed / f"result-{what}-{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1], results
     if what == "cache":
         assert results[0].startswith("CacheError shared=True: The teacher gave non-finite logits for samples 256..")
-        assert not (tmp_path / "cache" / "manifest.json").exists()  # no cache that opens as complete
+        assert not (failed / "cache" / "manifest.json").exists()  # no cache that opens as complete
     else:
         assert results[0].startswith("TrainingError shared=True: The training loss became non-finite at step 5 "
                                      "(term(s): ce)")
-        saved = sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt"))
+        saved = sorted(p.name for p in (failed / "ckpt").glob("ckpt-*.pt"))
         assert saved == ["ckpt-00000003.pt"]
-        state = torch.load(tmp_path / "ckpt" / saved[0], weights_only=True)
+        state = torch.load(failed / "ckpt" / saved[0], weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -384,7 +402,7 @@ def test_softkd_teacher_under_torchrun_stopped_by_a_bad_value_exits_2_with_one_l
     assert not (tmp_path / "t" / "teacher.safetensors").exists()
 
 
-PARTS_SCRIPT = r"""
+METHODS_SCRIPT = r"""
 import os, sys, torch, softkd
 from torch import nn
 from safetensors.torch import save_file
@@ -407,67 +425,49 @@ class LearnedBias(Method):  # a trainable part, sized by a dry forward (as adapt
 
 out, accumulate = sys.argv[1], int(sys.argv[2])
 splits = digits()
-torch.manual_seed(1)
-student, method = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10), LearnedBias()
-softkd.fit(student, softkd.ArrayDataset(splits.train.x[:416], splits.train.y[:416]), objective=method, epochs=2,
-           batch_size=128, accumulate=accumulate, optimizer="adamw", lr=0.01)
-if int(os.environ.get("RANK", "0")) == 0:
-    save_file({f"parts.{k}": v.contiguous() for k, v in method.parts.state_dict().items()} |
-              {f"student.{k}": v.contiguous() for k, v in student.state_dict().items()}, out + "/weights.safetensors")
+for method in ("parts", "mutual", "feature"):  # one launch trains every method
+    x, y = splits.train.x[:416], splits.train.y[:416].clone()
+    if method != "parts":
+        y[::3] = -1  # unlabeled samples: taught by the peers (mutual) or the teacher (feature) only
+    torch.manual_seed(0)
+    teacher = build_model("mlp-64", input_shape=(1, 8, 8), num_classes=10)
+    torch.manual_seed(1)
+    student = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)  # no batch norm: exact
+    if method == "parts":
+        objective = LearnedBias()
+    elif method == "feature":
+        objective = softkd.build_method("feature", teachers=[softkd.Teacher(teacher)], student_layers=["2"],
+                                        teacher_layers=["2"])  # hints through a linear adapter
+    else:
+        objective = softkd.build_method("mutual")
+    result = softkd.fit(student, softkd.ArrayDataset(x, y), objective=objective, epochs=2, batch_size=128,
+                        accumulate=accumulate, optimizer="adamw", lr=0.01)
+    if int(os.environ.get("RANK", "0")) == 0:
+        modules = dict(result.students, **({"parts": objective.parts} if method != "mutual" else {}))
+        save_file({f"{name or 'student'}.{k}": v.contiguous() for name, m in modules.items()
+                   for k, v in m.state_dict().items()}, f"{out}/{method}.safetensors")
 """
 
 
-def test_a_methods_trainable_parts_train_through_ddp_like_one_process(tmp_path):
-    (tmp_path / "parts.py").write_text(PARTS_SCRIPT)
-    weights = {}
+@pytest.fixture(scope="module")
+def methods_trained(tmp_path_factory):
+    """Each method trained on 1 process and on 2 (with 2 micro-batches), one launch each."""
+    root = tmp_path_factory.mktemp("methods")
+    (root / "methods.py").write_text(METHODS_SCRIPT)
     for processes, accumulate in ((1, 1), (2, 2)):
-        out = tmp_path / f"p{processes}"
-        out.mkdir()
-        _launch([str(tmp_path / "parts.py"), str(out), str(accumulate)], processes=processes, cwd=tmp_path)
-        weights[processes] = load_file(out / "weights.safetensors")
-    assert {k for k in weights[1] if k.startswith("parts.")} == {"parts.weight", "parts.bias"}
-    for key in weights[1]:
-        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)
+        (root / str(processes)).mkdir()
+        _launch([str(root / "methods.py"), str(root / str(processes)), str(accumulate)], processes=processes,
+                cwd=root)
+    return root
 
 
-FAMILY_SCRIPT = r"""
-import os, sys, torch, softkd
-from safetensors.torch import save_file
-from softkd.data.datasets import digits
-from softkd.models import build_model
-torch.set_num_threads(1)
-out, accumulate, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-splits = digits()
-x, y = splits.train.x[:416], splits.train.y[:416].clone()
-y[::3] = -1  # unlabeled samples: taught by the peers (mutual) or the teacher (feature) only
-torch.manual_seed(0)
-teacher = build_model("mlp-64", input_shape=(1, 8, 8), num_classes=10)
-torch.manual_seed(1)
-student = build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10)  # no batch norm: exact
-if method == "feature":
-    objective = softkd.build_method("feature", teachers=[softkd.Teacher(teacher)], student_layers=["2"],
-                                    teacher_layers=["2"])  # hints through a linear adapter
-else:
-    objective = softkd.build_method("mutual")
-result = softkd.fit(student, softkd.ArrayDataset(x, y), objective=objective, epochs=2, batch_size=128,
-                    accumulate=accumulate, optimizer="adamw", lr=0.01)
-if int(os.environ.get("RANK", "0")) == 0:
-    modules = dict(result.students, **({"adapters": objective.parts} if method == "feature" else {}))
-    save_file({f"{name or 'student'}.{k}": v.contiguous() for name, m in modules.items()
-               for k, v in m.state_dict().items()}, out + "/weights.safetensors")
-"""
-
-
-@pytest.mark.parametrize("method", ["mutual", "feature"])
-def test_the_feature_and_mutual_families_train_through_ddp_like_one_process(tmp_path, method):
-    (tmp_path / "family.py").write_text(FAMILY_SCRIPT)
-    weights = {}
-    for processes, accumulate in ((1, 1), (2, 2)):
-        out = tmp_path / f"p{processes}"
-        out.mkdir()
-        _launch([str(tmp_path / "family.py"), str(out), str(accumulate), method], processes=processes, cwd=tmp_path)
-        weights[processes] = load_file(out / "weights.safetensors")
-    assert {k.split(".")[0] for k in weights[1]} == ({"peer0", "peer1"} if method == "mutual" else
-                                                     {"student", "adapters"})
-    for key in weights[1]:
-        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=key)
+@pytest.mark.parametrize("method, parts", [("parts", {"student", "parts"}), ("mutual", {"peer0", "peer1"}),
+                                           ("feature", {"student", "parts"})])
+def test_a_methods_trainable_parts_and_both_families_train_through_ddp_like_one_process(methods_trained, method,
+                                                                                        parts):
+    one, two = (load_file(methods_trained / p / f"{method}.safetensors") for p in ("1", "2"))
+    assert {k.split(".")[0] for k in one} == parts
+    if method == "parts":
+        assert {k for k in one if k.startswith("parts.")} == {"parts.weight", "parts.bias"}
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
