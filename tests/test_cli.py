@@ -109,6 +109,49 @@ def test_validate_soft_label_files(tmp_path, rows, message):
     assert result.exit_code == 0 and "4 feasible soft-label rows over 5 classes" in result.output
 
 
+def test_an_output_folder_that_cannot_be_one_exits_2_before_anything_runs(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-16, epochs: 1}\nstudent: {model: mlp-8}\ntrain: {epochs: 1}\n")
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for verb in (("run",), ("teacher",), ("cache", "build")):
+        for out, message in ((taken, f"The output folder '{taken}' is an existing file, not a folder"),
+                             (taken / "sub", f"Cannot create the output folder '{taken / 'sub'}': '{taken}' is a file")):
+            result = _invoke(*verb, config, "--out", out)
+            assert result.exit_code == 2 and result.output.strip().startswith(f"error: {message}"), result.output
+            assert len(result.output.strip().splitlines()) == 1
+    assert taken.read_text() == "keep me"
+
+
+def test_softkd_teacher_on_a_trained_teacher_says_there_is_nothing_to_train(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-16, checkpoint: trained.safetensors}\n")
+    result = _invoke("teacher", config, "--out", tmp_path / "t")
+    assert result.exit_code == 2 and "teacher.checkpoint is set ('trained.safetensors')" in result.output
+    assert "nothing to do" in result.output and not (tmp_path / "t").exists()
+
+
+class _RunsCode:  # unpickling this runs code: it must never be unpickled
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_softkds_words(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": _RunsCode(tmp_path / "ran")}, evil)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"teacher: {{model: mlp-16, checkpoint: {evil}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    for args in (("validate", evil), ("run", config)):
+        result = _invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert f"'{evil}' holds pickled Python objects, not only tensors; softkd never unpickles" in result.output
+        assert "weights_only=False" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
 def test_missing_files_exit_2(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"teacher: {{checkpoint: {tmp_path / 'nope.safetensors'}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
@@ -222,7 +265,9 @@ def test_run_takes_user_models_by_import_string(tmp_path, monkeypatch):
         "def wide_mlp(hidden, num_classes):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
         "def eleven(hidden):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 11))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 11))\n"
+        "def raises(hidden):\n"
+        "    raise ValueError('no such width')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "user.yaml"
     config.write_text("teacher: {model: 'mynets:wide_mlp', kwargs: {hidden: 64}, epochs: 2}\n"
@@ -235,6 +280,11 @@ def test_run_takes_user_models_by_import_string(tmp_path, monkeypatch):
     assert not (tmp_path / "wrong").exists()
     missing = _invoke("run", config, "--out", tmp_path / "wrong", "--set", "teacher.model=mynets:widemlp")
     assert missing.exit_code == 2 and "wide_mlp" in missing.output
+    raised = _invoke("run", config, "--out", tmp_path / "wrong", "--set", "student.model=mynets:raises")
+    assert raised.exit_code == 2 and raised.output.strip().startswith("error: The model factory 'mynets:raises' raised "
+                                                              "ValueError when called with kwargs"), raised.output
+    assert "no such width" in raised.output and len(raised.output.strip().splitlines()) == 1
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_run_on_a_user_csv(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     student trains data-parallel, the soft-label cache is built in shards across processes,
     and only the main process writes the run directory (the others get the same report)."""
     dist = Distributed()
+    _check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
@@ -100,6 +102,11 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     if config.teacher is None:
         raise ConfigError(f"This config has no teacher to train: method '{config.method.name}' trains without one "
                           "(run it with `softkd run`).")
+    if config.teacher.checkpoint:
+        raise ConfigError(f"teacher.checkpoint is set ('{config.teacher.checkpoint}'): that teacher is already "
+                          "trained, so 'softkd teacher' has nothing to do; remove teacher.checkpoint to train one, "
+                          "or use `softkd run` to distill it.")
+    _check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
@@ -116,6 +123,7 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> lis
     a feature method's feature caches (one per teacher layer) when its features are cached."""
     if not config.teacher_list:
         raise ConfigError(f"Method '{config.method.name}' trains without a teacher: there is no soft-label cache to build.")
+    _check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)
         out = _open_run_dir(config, out_dir)
@@ -179,12 +187,29 @@ def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) ->
     return next((s for s in dist.gather_object(mine) if s is not None), None)
 
 
+def _check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an output folder that cannot be a run directory, before any data is read or model built."""
+    out = Path(out_dir)
+    found = next(p for p in (out, *out.parents) if p.exists())  # ends at "." or "/", which exist
+    fix = "give --out (or output.dir) another folder"
+    if found == out and not out.is_dir():
+        raise ConfigError(f"The output folder '{out}' is an existing file, not a folder; {fix}, or move the file.")
+    if not found.is_dir():
+        raise ConfigError(f"Cannot create the output folder '{out}': '{found}' is a file, not a folder; {fix}.")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write the output folder '{out}': '{found}' is not writable; {fix}.")
+
+
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     dist = Distributed()
 
     def create() -> None:
-        (out / "students").mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "students").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a race with another process, a full or read-only disk
+            raise ConfigError(f"Cannot create the output folder '{out}': {exc.strerror}; give --out (or "
+                              "output.dir) another folder.") from None
         atomic_write_text(out / "config.yaml", dump_config(config))
 
     dist.on_main(create)  # every process reads the folder as the main process left it

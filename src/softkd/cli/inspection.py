@@ -42,11 +42,13 @@ def _load_array(path: Path):
     import numpy as np
     import torch
 
+    from softkd.models.weights import load_tensors
+
     if not path.is_file():
         raise DataError(f"File '{path}' not found.")
     try:
         if path.suffix == ".pt":
-            value = torch.load(path, weights_only=True)
+            value = load_tensors(path)
         else:
             value = np.load(path, allow_pickle=False)
             if path.suffix == ".npz":

@@ -121,6 +121,11 @@ def _from_import_string(spec, *, input_shape, num_classes, kwargs):
     except TypeError as exc:  # also catches TypeErrors raised inside the factory, hence the quoted cause
         raise ModelError(f"Calling '{spec}' with kwargs {call_kwargs} failed: {first_line(exc)}; "
                          f"fix the kwargs to match its signature{_signature(factory)}.") from exc
+    except SoftKDError:
+        raise
+    except Exception as exc:  # the user's own code failed: say where, keep the cause for SOFTKD_DEBUG=1
+        raise ModelError(f"The model factory '{spec}' raised {type(exc).__name__} when called with kwargs "
+                         f"{call_kwargs}: {first_line(exc)}; fix the factory or its kwargs.") from exc
 
 
 def _defaults_it_takes(factory, *, input_shape, num_classes) -> dict:

@@ -3,6 +3,7 @@ with ``weights_only=True``."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,13 +18,26 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     atomic_write_bytes(path, save(state))
 
 
+def load_tensors(path: str | Path):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only. A file holding
+    other pickled objects is refused in softkd's words, never with torch's advice to unpickle it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"'{path}' holds pickled Python objects, not only tensors; softkd never unpickles "
+                        "them (unpickling can run code). Save tensors (a state_dict) with torch.save, or use "
+                        ".safetensors.") from None
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Checkpoint '{path}' not found; train a teacher first or fix 'teacher.checkpoint'.")
     try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
-    except Exception as exc:  # corrupt or pickled-object files
+        state = load_file(str(path)) if path.suffix == ".safetensors" else load_tensors(path)
+    except DataError:
+        raise
+    except Exception as exc:  # corrupt files
         raise DataError(f"Cannot read checkpoint '{path}': {first_line(exc)}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

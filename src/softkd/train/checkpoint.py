@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from softkd.errors import ConfigError, DataError, first_line
+from softkd.models.weights import load_tensors
 from softkd.utils import atomic_write_bytes
 
 _NAME = re.compile(r"ckpt-(\d+)\.pt")
@@ -71,7 +72,9 @@ def load_latest(folder: Path, *, run_key: dict) -> dict | None:
     if not found:
         return None
     try:
-        state = torch.load(found[-1], weights_only=True)
+        state = load_tensors(found[-1])
+    except DataError:
+        raise
     except Exception as exc:  # truncated by a crash outside the atomic rename, or not ours
         raise DataError(f"Cannot read checkpoint '{found[-1]}': {first_line(exc)}; "
                         "delete it to resume from the one before.") from None
