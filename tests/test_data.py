@@ -128,3 +128,26 @@ def test_atomic_writes_leave_no_temporary_file_and_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_user_labels_must_number_at_least_two_classes_each_with_training_samples(tmp_path):
+    import numpy as np
+
+    from softkd.data.datasets import load_splits
+
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype("float32")
+    y = np.tile([0, 1, 2], 20)
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    assert load_splits("ok", path=str(tmp_path / "ok.npz")).train.num_classes == 3
+    stray = y.copy()
+    stray[5] = 1_000_000  # one typo would make a 1,000,001-class model
+    np.savez(tmp_path / "stray.npz", x=x, y=stray)
+    with pytest.raises(DataError, match=r"labels classes up to 1000000, but 999997 of those have no labeled sample "
+                                        r"\(3, 4, 5, 6, 7, \.\.\.\); number the 4 classes 0\.\.3"):
+        load_splits("stray", path=str(tmp_path / "stray.npz"))
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros(60, dtype=int))
+    with pytest.raises(DataError, match=r"labeled samples of 1 class only \(\[0\]\); distillation needs at least 2"):
+        load_splits("one", path=str(tmp_path / "one.npz"))
+    np.savez(tmp_path / "test.npz", x=x[:10], y=np.arange(10) % 5)  # classes 3 and 4 exist only in the test file
+    with pytest.raises(DataError, match=r"Test data '.*test.npz' has label\(s\) \[3, 4\] that the training data"):
+        load_splits("ok", path=str(tmp_path / "ok.npz"), test_path=str(tmp_path / "test.npz"))

@@ -64,6 +64,13 @@ def test_lookup_order_data_dir_then_env_then_system(tmp_path, monkeypatch):
     monkeypatch.delenv("SOFTKD_DATA")
     with pytest.raises(DataError, match=f"mnist not found \\(looked in .*{tmp_path / 'cache'}.*softkd data fetch mnist"):
         find_idx_files("mnist")
+    # a data.dir that is missing or empty is an error naming it, never a silent fall-back elsewhere
+    monkeypatch.setenv("SOFTKD_DATA", str(tmp_path / "env"))
+    with pytest.raises(DataError, match=f"data.dir '{tmp_path / 'nope'}' is not a folder"):
+        find_idx_files("mnist", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"data.dir '{tmp_path / 'empty'}' does not hold mnist's four IDX files"):
+        find_idx_files("mnist", str(tmp_path / "empty"))
 
 
 @pytest.mark.skipif(not DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")

@@ -125,9 +125,15 @@ MNIST_FILES = {
 def find_idx_files(name: str, data_dir: str | None = None) -> dict[str, Path]:
     """The four IDX files of ``name``, looked up in ``data_dir``, ``$SOFTKD_DATA``, Debian's
     ``/usr/share/datasets/<name>`` and the user cache, in that order (gzipped or raw)."""
-    folders = [Path(p) for p in (data_dir, os.environ.get("SOFTKD_DATA")) if p]
-    folders = [f for folder in folders for f in (folder / name, folder)]
-    folders += [Path("/usr/share/datasets") / name, user_cache_dir() / name]
+    if data_dir is not None:  # the folder the user named, and nowhere else: a report must not name one
+        if not Path(data_dir).is_dir():  # folder and have read another
+            raise DataError(f"data.dir '{data_dir}' is not a folder; point it at the folder holding {name}'s "
+                            "four IDX files, or remove it to use the default locations.")
+        folders = [Path(data_dir) / name, Path(data_dir)]
+    else:
+        env = os.environ.get("SOFTKD_DATA")
+        folders = [Path(env) / name, Path(env)] if env else []
+        folders += [Path("/usr/share/datasets") / name, user_cache_dir() / name]
     for folder in folders:
         found = {}
         for key, stem in MNIST_FILES.items():
@@ -139,6 +145,9 @@ def find_idx_files(name: str, data_dir: str | None = None) -> dict[str, Path]:
             return found
     looked = ", ".join(str(f) for f in folders)
     hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion-mnist" else ""
+    if data_dir is not None:
+        raise DataError(f"data.dir '{data_dir}' does not hold {name}'s four IDX files (looked in {looked}); get "
+                        f"them with `softkd data fetch {name} --dest {data_dir}`, or remove data.dir.")
     raise DataError(f"{name} not found (looked in {looked}); get it with {hint}`softkd data fetch {name}`, "
                     "or set data.dir to the folder holding its four IDX files.")
 
@@ -216,6 +225,7 @@ def load_splits(
         unlabeled = (data.y == UNLABELED).nonzero().flatten()
         if labeled.numel() == 0:
             raise DataError(f"'{path}' has no labeled samples; the test and validation splits need labels.")
+        _check_classes(data.y[labeled], num_classes, path=path, test=test, test_path=test_path)
         if test is None:
             keep, held = stratified_split(data.y[labeled], test_fraction, seed=0)
             test, rest = data.subset(labeled[held], name=f"{name}/test"), labeled[keep]
@@ -231,6 +241,25 @@ def load_splits(
     if unlabeled_path:
         splits.train = add_unlabeled(splits.train, load(unlabeled_path), source=unlabeled_path)
     return splits
+
+
+def _check_classes(labels: torch.Tensor, num_classes: int, *, path, test, test_path) -> None:
+    """User data must number its classes 0..C-1, at least two, each with labeled training samples
+    (a class only the test file has, or a stray large label, would silently change the problem)."""
+    present = set(labels.unique().tolist())
+    if len(present) < 2:
+        raise DataError(f"'{path}' has labeled samples of {len(present)} class only ({sorted(present)}); "
+                        "distillation needs at least 2 classes.")
+    if test is not None:
+        only_test = sorted(set(test.y[test.y != UNLABELED].unique().tolist()) - present)
+        if only_test:
+            raise DataError(f"Test data '{test_path}' has label(s) {only_test[:5]} that the training data "
+                            f"'{path}' never has; every test class needs training samples.")
+    missing = sorted(set(range(num_classes)) - present)
+    if missing:
+        raise DataError(f"'{path}' labels classes up to {num_classes - 1}, but {len(missing)} of those have no "
+                        f"labeled sample ({', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
+                        f"number the {len(present)} classes 0..{len(present) - 1}.")
 
 
 def add_unlabeled(train: ArrayDataset, extra: ArrayDataset, *, source: str) -> ArrayDataset:
