@@ -152,6 +152,30 @@ def test_a_pickle_that_would_run_code_is_refused_in_softkds_words(tmp_path):
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
 
 
+def test_validate_makes_the_checks_run_makes_and_writes_nothing(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b,label\n1,x,0\n2,3,1\n")
+    config, out = tmp_path / "c.yaml", tmp_path / "out"
+    for content, message in [
+        (f"teacher: {{model: mlp-16, checkpoint: {tmp_path / 'none.safetensors'}}}\n", "none.safetensors' not found"),
+        ("teacher: {model: 'nosuchpkg.nets:make'}\n", "Cannot import module 'nosuchpkg.nets'"),
+        (f"data: {{path: {tmp_path / 'bad.csv'}}}\n", "bad.csv"),
+        ("method: {name: feature, student_layers: ['9'], teacher_layers: ['0']}\n", "has no module '9'"),
+    ]:
+        config.write_text(content + f"output: {{dir: {out}}}\n")
+        checked, ran = _invoke("validate", config), _invoke("run", config)
+        assert checked.exit_code == 2 and message in checked.output, checked.output  # once, where run says it
+        assert checked.output.strip().splitlines() == ran.output.strip().splitlines()
+    assert not out.exists()
+    config.write_text("teacher: {model: mlp-16}\n")
+    good = _invoke("validate", config)
+    assert good.exit_code == 0 and "checked as `softkd run` checks it before writing anything" in good.output
+    assert "1,295 train / 143 validation / 359 test samples of 1×8×8, 10 classes" in good.output
+    other = tmp_path / "c.txt"
+    other.write_text("teacher: {model: mlp-16}\n")
+    refused = _invoke("validate", other)
+    assert refused.exit_code == 2 and "is neither a run config (.yaml) nor soft labels" in refused.output
+
+
 def test_missing_files_exit_2(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"teacher: {{checkpoint: {tmp_path / 'nope.safetensors'}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")

@@ -135,6 +135,21 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> lis
             return caches
 
 
+def check_run(config: RunConfig, *, out_dir: str | Path | None = None) -> dict:
+    """Every check ``softkd run`` makes before it writes anything, without training: the output
+    folder, the data read and split, each model built and run once on the data's shape, the
+    teachers' checkpoints loaded, the method's own checks (e.g. a feature method's layer paths).
+    Returns what was found, for ``softkd validate``."""
+    if out_dir is not None:
+        _check_out_dir(out_dir)
+    with _runtime(config):
+        splits, teachers = _prepare(config)
+    return {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
+            "test": len(splits.test), "classes": splits.train.num_classes, "input_shape": splits.train.input_shape,
+            "teachers": [{"model": t.model, "params": count_params(m), "checkpoint": t.checkpoint}
+                         for t, m in zip(config.teacher_list, teachers)]}
+
+
 def _prepare(config: RunConfig, *, load: bool = True):
     """The splits and the teachers (weights loaded from their checkpoints), on the run's device."""
     if config.output.tensorboard:

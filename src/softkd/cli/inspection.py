@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from softkd.cli import SET_HELP, _user_errors, app, console
-from softkd.errors import DataError, SoftKDError, first_line
+from softkd.errors import ConfigError, DataError, SoftKDError, first_line
 
 
 @app.command()
@@ -23,6 +23,9 @@ def validate(
     Examples: softkd validate configs/soft-target-mlp16_from_tinycnn32-digits.yaml;
     softkd validate soft_labels.npy
     """
+    if path.suffix not in (".yaml", ".yml", ".npy", ".npz", ".pt"):
+        raise ConfigError(f"'{path}' is neither a run config (.yaml) nor soft labels (.npy, .npz or .pt); "
+                          "give `softkd validate` one of those.")
     if path.suffix in (".npy", ".npz", ".pt"):
         from softkd.losses.logits import validate_soft_targets
 
@@ -31,11 +34,18 @@ def validate(
         return
     from softkd.config import load_config
 
+    from softkd.pipeline import check_run
+
     cfg = load_config(path, set_)
-    teachers = ("teachers " if cfg.teachers else "teacher ") + ", ".join(t.model for t in cfg.teacher_list) \
-        if cfg.teacher_list else "no teacher"
-    console.print(f"OK: {path} is a valid run config (data {cfg.data.name}, {teachers}, "
-                  f"student {cfg.student.model}, method {cfg.method.name}).")
+    found = check_run(cfg, out_dir=cfg.output.dir)  # what `softkd run` checks before it writes anything
+    teachers = "; ".join(f"teacher {t['model']} ({t['params']:,} parameters"
+                         + (f", weights from {t['checkpoint']})" if t["checkpoint"] else ", to be trained)")
+                         for t in found["teachers"]) or "no teacher"
+    shape = "×".join(map(str, found["input_shape"]))
+    console.print(f"OK: {path} is a valid run config, checked as `softkd run` checks it before writing anything: "
+                  f"data {cfg.data.name} ({found['train']:,} train / {found['val']:,} validation / "
+                  f"{found['test']:,} test samples of {shape}, {found['classes']} classes); {teachers}; "
+                  f"student {cfg.student.model}; method {cfg.method.name}.", soft_wrap=True)
 
 
 def _load_array(path: Path):
