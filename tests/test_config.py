@@ -40,6 +40,10 @@ def test_yaml_roundtrip(tmp_path):
         ("method.name=soft-targt", "did you mean 'soft-target'"),
         ("data.name=digitz", "did you mean 'digits'"),
         ("data.labeled_fraction=0", "labeled_fraction"),
+        ("data.labeled_fraction=1.5", r"^The 'data.labeled_fraction' in --set overrides is invalid: must be in "
+                                      r"\(0, 1\]; got 1.5\.$"),  # the value once
+        ("data.labeled_fraction=[1.0,1.5]", r"invalid: each fraction must be in \(0, 1\], and 1.5 is not; "
+                                            r"got \[1.0, 1.5\]\.$"),
         ("train.optimizer=adam", "'train.optimizer'"),
         ("noequals", "must look like section.key=value"),
     ],

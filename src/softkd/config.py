@@ -55,7 +55,8 @@ class DataConfig(_Section):
     def _fractions(cls, value):
         for f in value if isinstance(value, list) else [value]:
             if not 0 < f <= 1:
-                raise ValueError(f"must be in (0, 1]; got {f}")
+                raise ValueError(f"each fraction must be in (0, 1], and {f} is not" if isinstance(value, list)
+                                 else "must be in (0, 1]")
         if isinstance(value, list) and not value:
             raise ValueError("must list at least one fraction")
         return value
