@@ -230,6 +230,19 @@ def test_teacher_augment_trains_on_views_and_leaves_earlier_teachers_up_to_date(
     assert key == json.loads((root / "teachers" / "resnet32-fashion-mnist" / "teacher.json").read_text())["key"]
 
 
+def test_version_is_the_package_version():
+    import re
+
+    import softkd
+
+    result = _invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"softkd {softkd.__version__}"
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.+)"$', pyproject, re.M).group(1) == softkd.__version__
+    changelog = (Path(__file__).parents[1] / "CHANGELOG.md").read_text()
+    assert f"\n## {softkd.__version__}\n" in changelog  # the current version has its entry
+
+
 def test_console_script_prints_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epocs: 3}\n")
@@ -418,3 +431,29 @@ def test_an_error_every_process_shares_is_printed_once(tmp_path, monkeypatch, ra
     result = _invoke("run", tmp_path / "run.yaml", "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert ("non-finite logits" in result.output) is printed
+
+
+def test_settings_that_barely_train_or_distort_small_images_are_warned_about_in_one_line(tmp_path, capsys):
+    import warnings
+
+    from softkd.cli import _show_warning
+    from softkd.config import load_config
+    from softkd.errors import SoftKDWarning
+    from softkd.pipeline import check_run
+
+    config = load_config(None, ["teacher.model=mlp-16", "teacher.batch_size=4096", "data.augment=shift",
+                                "cache.views=2"])
+    with pytest.warns(SoftKDWarning) as caught:
+        check_run(config)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "teacher.batch_size 4096 gives 1 optimizer step(s) per epoch on the 1,295 training samples, so the model "
+        "barely trains; lower teacher.batch_size (e.g. to 161) or raise the epochs.",
+        "data.augment 'shift' shifts images by up to data.shift = 2 pixels, more than an eighth of these 8-pixel "
+        "images; set data.shift to about 1 (2 suits 28×28)."]
+    with warnings.catch_warnings(record=True) as quiet:  # the defaults (batch 256, no augmentation): nothing
+        warnings.simplefilter("always")
+        check_run(load_config(None, ["teacher.model=mlp-16"]))
+    assert not [w for w in quiet if issubclass(w.category, SoftKDWarning)]
+    _show_warning(messages[0], SoftKDWarning, "x.py", 1)
+    assert capsys.readouterr().err.strip() == f"warning: {messages[0]}"

@@ -34,6 +34,11 @@ class TrainingError(SoftKDError):
     """Training cannot go on (a NaN or inf loss, for example)."""
 
 
+class SoftKDWarning(UserWarning):
+    """Something that works but is probably not what was meant (one line, with the fix); the CLI
+    prints it as ``warning: ...``."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none), for
     one-line errors that wrap another library's."""

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from softkd.config import RunConfig, dump_config
 from softkd.data.augment import build_augment
 from softkd.data.datasets import Splits, keep_labels, run_splits
 from softkd.data.loader import build_loader
-from softkd.errors import ConfigError
+from softkd.errors import ConfigError, SoftKDWarning
 from softkd.evaluate.metrics import classification_metrics, predict
 from softkd.evaluate.speed import footprint, time_models
 from softkd.models.weights import load_weights, save_weights
@@ -150,6 +151,33 @@ def check_run(config: RunConfig, *, out_dir: str | Path | None = None) -> dict:
                          for t, m in zip(config.teacher_list, teachers)]}
 
 
+FEW_STEPS = 5  # optimizer steps per epoch below which a run barely trains
+
+
+def _warn_about_settings(config: RunConfig, splits: Splits) -> None:
+    """Settings that run but probably do not do what was meant, said once before training."""
+    n = len(splits.train)
+    budgets = [("train.batch_size", config.train.batch_size)]
+    if config.teacher is not None and not config.teacher.checkpoint:
+        budgets.append(("teacher.batch_size", config.teacher.batch_size))
+    for key, batch in budgets:
+        steps = -(-n // batch)
+        if steps < FEW_STEPS:
+            warnings.warn(f"{key} {batch} gives {steps} optimizer step(s) per epoch on the {n:,} training samples, "
+                          f"so the model barely trains; lower {key} (e.g. to {max(1, n // 8)}) or raise the epochs.",
+                          SoftKDWarning, stacklevel=3)
+    shape = splits.train.input_shape
+    side = min(shape[1:]) if len(shape) == 3 else None  # images are (C, H, W); tables have no side
+    augments = [("data.augment", config.data.augment)]
+    if config.teacher is not None and not config.teacher.checkpoint:
+        augments.append(("teacher.augment", config.teacher.augment))
+    for key, augment in augments:
+        if augment is not None and side is not None and config.data.shift * 8 > side:
+            warnings.warn(f"{key} '{augment}' shifts images by up to data.shift = {config.data.shift} pixels, more "
+                          f"than an eighth of these {side}-pixel images; set data.shift to about "
+                          f"{max(1, side // 14)} (2 suits 28×28).", SoftKDWarning, stacklevel=3)
+
+
 def _prepare(config: RunConfig, *, load: bool = True):
     """The splits and the teachers (weights loaded from their checkpoints), on the run's device."""
     if config.output.tensorboard:
@@ -157,6 +185,7 @@ def _prepare(config: RunConfig, *, load: bool = True):
     d = config.data
     splits = run_splits(d)
     shape, classes = splits.train.input_shape, splits.train.num_classes
+    _warn_about_settings(config, splits)
     if config.cache.top_k is not None and config.cache.top_k > classes:
         raise ConfigError(f"The 'cache.top_k' must be <= the data's {classes} classes; got {config.cache.top_k} "
                           "(use top_k: null to store all logits).")

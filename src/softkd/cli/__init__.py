@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from softkd.errors import SoftKDError
+from softkd.errors import SoftKDError, SoftKDWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="softkd: knowledge distillation with honest baselines.")
@@ -22,6 +23,20 @@ console = Console()
 errors = Console(stderr=True)
 
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from softkd import __version__
+
+        console.print(f"softkd {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print softkd's version and exit.")) -> None:
+    """softkd: knowledge distillation with honest baselines."""
 
 
 def _user_errors(command):
@@ -45,9 +60,22 @@ def _progress() -> Progress:
     return Progress(*columns, console=errors, transient=True, disable=int(os.environ.get("RANK", "0")) > 0)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """softkd's own warnings as one ``warning:`` line (on the main process); others as Python shows them."""
+    if issubclass(category, SoftKDWarning):
+        if os.environ.get("RANK", "0") == "0":
+            errors.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate launch the main process reports
         console.quiet = True
+    warnings.showwarning = _show_warning
     try:
         app()
     finally:

@@ -17,7 +17,8 @@ def validate(
     path: Path = typer.Argument(..., help="A YAML run config, or soft labels (.npy, .npz or .pt; shape (N, C))."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """Check a run config without running it, or check that a soft-label file is a feasible
+    """Check a run config as `softkd run` checks it before writing anything (data, models,
+    checkpoints, method), without training; or check that a soft-label file is a feasible
     distribution (finite, in [0, 1], rows summing to 1).
 
     Examples: softkd validate configs/soft-target-mlp16_from_tinycnn32-digits.yaml;
