@@ -11,7 +11,7 @@ recipe's settings (batch 256, AdamW, T = 4, β = 0.9), measured in one process, 
 Times are the training loop's own epoch time (the `epoch_s` fit() logs: no evaluation, no
 setup); reading the cache into memory once per run is reported separately.
 
-Run with the CPU timing environment the README gives:
+Run with the CPU timing environment docs/benchmarks.md gives:
   OMP_NUM_THREADS=1 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824 \
     python benchmarks/cache_epoch.py
 """

@@ -16,7 +16,7 @@ word or label frequencies), so that the tail is long rather than flat. The scale
 bisection so that the mean top-1 probability at T = 1 is ``--top1`` (0.6 by default); the table
 reports the teacher's entropy and the mass in its top k at each T so a reader can judge it.
 
-Run with the CPU timing environment the README gives:
+Run with the CPU timing environment docs/benchmarks.md gives:
   OMP_NUM_THREADS=1 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824 \
     python benchmarks/cache_formats.py
 """

@@ -13,7 +13,7 @@ its fingerprint, re-hashes every shard (``cache.verify()``, what ``softkd cache 
 compares 2,048 random samples' cached logits with the teacher's (to fp16 rounding). The caches
 live in a temporary folder under /tmp and are deleted after each size.
 
-Run with the CPU timing environment the README gives:
+Run with the CPU timing environment docs/benchmarks.md gives:
   OMP_NUM_THREADS=1 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824 \
     python benchmarks/cache_memory.py
 """

@@ -7,7 +7,7 @@ validation accuracy, then scored and timed on the test split:
 
 Each call is `softkd cascade RUN_DIR --student <name>` (softkd.cascade.calibrate_run); the run's
 best-validated student goes last, so RUN_DIR/cascade/ and its report keep that one. Writes
-benchmarks/results/cascade.json (every seed, and mean ± std per run) and prints the README table.
+benchmarks/results/cascade.json (every seed, and mean ± std per run) and prints the table of docs/cascade.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two comparisons on the tinycnn-16 ← resnet-64 Fashion-MNIST recipe's settings:
   end-to-end: softkd's `run` path (teacher logits computed once, amortised over the recipe's
               15 epochs) against the plain loop running the teacher at every step.
 
-Run with the CPU timing environment the README gives:
+Run with the CPU timing environment docs/benchmarks.md gives:
   OMP_NUM_THREADS=1 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824 \
     python benchmarks/data_path.py
 """

@@ -7,7 +7,7 @@ architectures, in PyTorch eager and exported to ONNX under onnxruntime, at batch
 All six models are timed in one process, taking turns call by call (evaluate/speed.py), after
 warm-up; medians (p50) and p95 of repeated calls. The teacher ÷ student ratios compare models in
 the same runtime. The teacher carries its trained weights; the students' timings do not depend on
-theirs. Writes benchmarks/results/latency.json and prints the README table.
+theirs. Writes benchmarks/results/latency.json and prints the table of docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@ method and label regime, each beside its equal-budget scratch twin (mean ± std 
     python benchmarks/methods.py run CONFIG... [--out runs/methods] [--results benchmarks/results/methods.json]
                                  [--set KEY=VALUE ... --as NAME]
     python benchmarks/methods.py table [--results benchmarks/results/methods.json]
+    python benchmarks/methods.py headline [--results benchmarks/results/methods.json]
 
 `run` runs each config in its own process (`python -m softkd.cli run CONFIG --out OUT/<name>`),
 timing it (`wall_s_this_call`: stages an earlier call left stamped are reused, not timed; each
 row's `train_s_per_student` is the mean training time of one student, read from the run's
 `metrics.jsonl`), and adds its rows to the results JSON as soon as it finishes (a rerun of a config
 replaces its rows), so a long list can be split across cores and stopped midway. `table`
-prints the README's table from the JSON.
+prints the methods table of the docs from the JSON; `headline`, the README's results table (the
+soft-target recipes), which a test holds README to.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _seed_mean(per_seed: dict) -> dict:
 
 
 def rows(config: str, report: dict, wall_s: float, seconds: dict, validation: dict | None = None) -> list[dict]:
-    """One row per student and regime: what the README table shows, and the runs behind it."""
+    """One row per student and regime: what the docs tables show, and the runs behind it."""
     out = []
     teacher = report.get("teacher")
     for student, entry in report["students"].items():
@@ -117,7 +119,7 @@ METHOD_ORDER = ("soft-target", "dkd", "dist", "multi-teacher", "feature", "mutua
 
 
 def table(results: Path, *, validation: bool = False) -> str:
-    """The README's table: by student, then label regime (all labels first), then method; with
+    """The methods table of the docs: by student, then label regime (all labels first), then method; with
     ``validation``, also the distilled students' mean validation accuracy (what a sweep selects on)."""
     val_head, val_rule = (" val (d) |", "---:|") if validation else ("", "")
     lines = ["| student | labels | method | loss | teacher | scratch | distilled | change | gap recovered "
@@ -137,6 +139,25 @@ def table(results: Path, *, validation: bool = False) -> str:
             f"| {r['ece']['scratch']:.3f} → {r['ece']['distilled']:.3f} | {r['verdict'].split(':')[0]} "
             f"| {_minutes(r.get('train_s_per_student', {}))} |"
             + (f" {_pct(r.get('val_accuracy', {}).get('distilled'))} |" if validation else ""))
+    return "\n".join(lines)
+
+
+HEADLINE = ("soft-target-mlp128_from_resnet64-fashion-mnist", "soft-target-mlp128_from_resnet64-fashion-mnist-labels3pct",
+            "soft-target-tinycnn16_from_resnet64-fashion-mnist",
+            "soft-target-tinycnn16_from_resnet64-fashion-mnist-labels3pct")
+
+
+def headline(results: Path) -> str:
+    """README's results table: the four soft-target recipes, each beside its scratch twin."""
+    lines = ["| student | labels | teacher | scratch | distilled (soft-target) | change | gap recovered | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    found = {r["config"]: r for r in json.loads(results.read_text())}
+    for config in HEADLINE:
+        r = found[config]
+        change = 100 * (r["distilled"]["mean"] - r["scratch"]["mean"])
+        lines.append(f"| {r['student']} | {r['regime'].removesuffix(' labels')} | {100 * r['teacher_accuracy']:.1f} "
+                     f"| {_ms(r['scratch'])} | {_ms(r['distilled'])} | {change:+.1f} "
+                     f"| {100 * r['gap_recovered']:.0f} % | {r['verdict'].split(':')[0]} |")
     return "\n".join(lines)
 
 
@@ -164,9 +185,13 @@ def main() -> None:
     p_table = sub.add_parser("table")
     p_table.add_argument("--results", type=Path, default=RESULTS)
     p_table.add_argument("--validation", action="store_true", help="add the distilled students' validation accuracy")
+    p_headline = sub.add_parser("headline")
+    p_headline.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.verb == "run":
         run(args.configs, args.out, args.results, args.overrides, args.name)
+    elif args.verb == "headline":
+        print(headline(args.results))
     else:
         print(table(args.results, validation=args.validation))
 

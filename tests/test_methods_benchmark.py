@@ -1,5 +1,5 @@
 """The methods benchmark's bookkeeping: per-student training times from metrics.jsonl (a stage
-trained again counts its last try) and the README table's order."""
+trained again counts its last try) and the docs table's order."""
 
 import importlib.util
 import json
