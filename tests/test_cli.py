@@ -457,3 +457,14 @@ def test_settings_that_barely_train_or_distort_small_images_are_warned_about_in_
     assert not [w for w in quiet if issubclass(w.category, SoftKDWarning)]
     _show_warning(messages[0], SoftKDWarning, "x.py", 1)
     assert capsys.readouterr().err.strip() == f"warning: {messages[0]}"
+
+
+def test_a_model_module_beside_the_config_is_found_without_pythonpath(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # whatever the command adds is undone
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "beside_the_config.py").write_text(
+        "from torch import nn\ndef mine(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    config = tmp_path / "exp" / "c.yaml"
+    config.write_text("teacher: {model: 'beside_the_config:mine', epochs: 1}\nstudent: {model: mlp-8}\n")
+    result = _invoke("validate", config)
+    assert result.exit_code == 0 and "teacher beside_the_config:mine (650 parameters" in result.output, result.output

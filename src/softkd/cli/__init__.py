@@ -55,6 +55,18 @@ def _user_errors(command):
     return wrapper
 
 
+def load_user_config(path, overrides):
+    """A run config, with its own folder first on the import path, so a 'nets:make_student' model
+    in a nets.py beside the config is found without PYTHONPATH (main() adds the current folder,
+    as `python -m` does, for every command)."""
+    from softkd.config import load_config
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return load_config(path, overrides)
+
+
 def _progress() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=errors, transient=True, disable=int(os.environ.get("RANK", "0")) > 0)
@@ -76,6 +88,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun / accelerate launch the main process reports
         console.quiet = True
     warnings.showwarning = _show_warning
+    if os.getcwd() not in sys.path:  # a user's model module in the current folder, as under `python -m`
+        sys.path.insert(0, os.getcwd())
     try:
         app()
     finally:

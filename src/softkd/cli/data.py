@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from softkd.cli import SET_HELP, _progress, _user_errors, app, console
+from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch them into the user cache.")
@@ -56,10 +56,9 @@ def cache_build(
 
     Example: softkd cache build configs/soft-target-tinycnn16_from_resnet64-fashion-mnist.yaml
     """
-    from softkd.config import load_config
     from softkd.pipeline import build_cache
 
-    cfg = load_config(config, set_)
+    cfg = load_user_config(config, set_)
     with _progress() as progress:
         caches = build_cache(cfg, out_dir=out or Path(cfg.output.dir or Path("runs") / config.stem),
                              progress=progress)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from softkd.cli import SET_HELP, _user_errors, app, console
+from softkd.cli import SET_HELP, _user_errors, app, console, load_user_config
 from softkd.errors import ConfigError, DataError, SoftKDError, first_line
 
 
@@ -33,11 +33,9 @@ def validate(
         soft = validate_soft_targets(_load_array(path))
         console.print(f"OK: {path} holds {soft.shape[0]} feasible soft-label rows over {soft.shape[-1]} classes.")
         return
-    from softkd.config import load_config
-
     from softkd.pipeline import check_run
 
-    cfg = load_config(path, set_)
+    cfg = load_user_config(path, set_)
     found = check_run(cfg, out_dir=cfg.output.dir)  # what `softkd run` checks before it writes anything
     teachers = "; ".join(f"teacher {t['model']} ({t['params']:,} parameters"
                          + (f", weights from {t['checkpoint']})" if t["checkpoint"] else ", to be trained)")

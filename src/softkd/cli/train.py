@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from softkd.cli import SET_HELP, _progress, _user_errors, app, console
+from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config
 
 
 @app.command()
@@ -45,9 +45,7 @@ def run(
 
     Example: softkd run configs/soft-target-mlp16_from_tinycnn32-digits.yaml --set train.seeds=[0]
     """
-    from softkd.config import load_config
-
-    cfg = load_config(config, set_)
+    cfg = load_user_config(config, set_)
     _run(cfg, out or Path(cfg.output.dir or Path("runs") / config.stem), reuse=True, resume=resume)
 
 
@@ -64,10 +62,9 @@ def teacher(
 
     Example: softkd teacher configs/teacher-resnet64-fashion-mnist.yaml --out teachers/resnet64
     """
-    from softkd.config import load_config
     from softkd.pipeline import train_teacher
 
-    cfg = load_config(config, set_)
+    cfg = load_user_config(config, set_)
     target = out or Path("runs") / f"{config.stem}-teacher"
     with _progress() as progress:
         summary = train_teacher(cfg, out_dir=target, progress=progress, resume=resume)
