@@ -1,6 +1,7 @@
 """The softkd command end to end on tiny settings: outputs, exit codes, one-line errors."""
 
 import json
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_an_output_folder_that_cannot_be_one_exits_2_before_anything_runs(tmp_pa
     taken.write_text("keep me")
     for verb in (("run",), ("teacher",), ("cache", "build")):
         for out, message in ((taken, f"The output folder '{taken}' is an existing file, not a folder"),
-                             (taken / "sub", f"Cannot create the output folder '{taken / 'sub'}': '{taken}' is a file")):
+                             (taken / "sub",
+                              f"Cannot create the output folder '{taken / 'sub'}': '{taken}' is a file")):
             result = _invoke(*verb, config, "--out", out)
             assert result.exit_code == 2 and result.output.strip().startswith(f"error: {message}"), result.output
             assert len(result.output.strip().splitlines()) == 1
@@ -434,8 +436,6 @@ def test_an_error_every_process_shares_is_printed_once(tmp_path, monkeypatch, ra
 
 
 def test_settings_that_barely_train_or_distort_small_images_are_warned_about_in_one_line(tmp_path, capsys):
-    import warnings
-
     from softkd.cli import _show_warning
     from softkd.config import load_config
     from softkd.errors import SoftKDWarning
@@ -463,8 +463,44 @@ def test_a_model_module_beside_the_config_is_found_without_pythonpath(tmp_path, 
     monkeypatch.setattr(sys, "path", list(sys.path))  # whatever the command adds is undone
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "beside_the_config.py").write_text(
-        "from torch import nn\ndef mine(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+        "from torch import nn\n"
+        "def mine(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
     config = tmp_path / "exp" / "c.yaml"
     config.write_text("teacher: {model: 'beside_the_config:mine', epochs: 1}\nstudent: {model: mlp-8}\n")
     result = _invoke("validate", config)
     assert result.exit_code == 0 and "teacher beside_the_config:mine (650 parameters" in result.output, result.output
+
+
+def test_a_folder_where_a_file_is_expected_and_a_missing_cache_folder_are_named_as_such(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"teacher: {{model: mlp-16, checkpoint: {folder}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    for args, message in [(("run", folder), f"'{folder}' is a folder, not a config file"),
+                          (("run", config), f"Checkpoint '{folder}' is a folder; give the weights file in it"),
+                          (("cache", "info", tmp_path / "nope"),
+                           f"There is no soft-label cache folder '{tmp_path / 'nope'}'")]:
+        result = _invoke(*args)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_loaded_teacher_without_a_test_file_is_warned_about_the_split_it_may_have_trained_on(tmp_path):
+    from softkd.config import load_config
+    from softkd.errors import SoftKDWarning
+    from softkd.models import build_model
+    from softkd.models.weights import save_weights
+    from softkd.pipeline import check_run
+
+    x = np.random.default_rng(0).normal(size=(90, 4)).astype("float32")
+    np.savez(tmp_path / "d.npz", x=x, y=np.tile([0, 1, 2], 30))
+    np.savez(tmp_path / "t.npz", x=x[:30], y=np.tile([0, 1, 2], 10))
+    save_weights(build_model("mlp-16", input_shape=(4,), num_classes=3), tmp_path / "w.safetensors")
+    overrides = [f"data.path={tmp_path / 'd.npz'}", "teacher.model=mlp-16",
+                 f"teacher.checkpoint={tmp_path / 'w.safetensors'}", "train.batch_size=8", "teacher.batch_size=8"]
+    with pytest.warns(SoftKDWarning, match=r"the test split is a fixed 20% of .*d.npz, which that teacher may have "
+                                           r"trained on .*set data.test_path to data it never saw"):
+        check_run(load_config(None, overrides))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SoftKDWarning)  # with a test file: nothing to say
+        check_run(load_config(None, overrides + [f"data.test_path={tmp_path / 't.npz'}"]))

@@ -258,6 +258,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         where = str(path)
+        if path.is_dir():
+            raise ConfigError(f"'{path}' is a folder, not a config file; give the path of a YAML run config "
+                              "(see configs/).")
         if not path.is_file():
             raise ConfigError(f"Config file '{path}' not found; give the path of a YAML run config (see configs/).")
         try:

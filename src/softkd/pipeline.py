@@ -166,6 +166,12 @@ def _warn_about_settings(config: RunConfig, splits: Splits) -> None:
             warnings.warn(f"{key} {batch} gives {steps} optimizer step(s) per epoch on the {n:,} training samples, "
                           f"so the model barely trains; lower {key} (e.g. to {max(1, n // 8)}) or raise the epochs.",
                           SoftKDWarning, stacklevel=3)
+    d = config.data
+    if d.path is not None and d.test_path is None and any(t.checkpoint for t in config.teacher_list):
+        warnings.warn(f"the teacher comes from a checkpoint and data.test_path is not set, so the test split is "
+                      f"a fixed {d.test_fraction:.0%} of {d.path}, which that teacher may have trained on (its "
+                      "score would be flattered); set data.test_path to data it never saw.", SoftKDWarning,
+                      stacklevel=3)
     shape = splits.train.input_shape
     side = min(shape[1:]) if len(shape) == 3 else None  # images are (C, H, W); tables have no side
     augments = [("data.augment", config.data.augment)]

@@ -82,6 +82,9 @@ def check_fingerprint(fingerprint, *, teacher, dataset, dtype, top_k, views) -> 
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CacheError(f"There is no soft-label cache folder '{folder}'; build a cache there with {BUILD_HINT}, "
+                         "or give the folder of one.")
     if not path.is_file():
         resumable = " (an interrupted build: building again resumes it)" if (folder / PROGRESS).exists() else ""
         raise CacheError(f"No complete soft-label cache in '{folder}': manifest.json is missing{resumable}; "

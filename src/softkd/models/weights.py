@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from softkd.errors import DataError, ShapeMismatchError, first_line
@@ -31,12 +32,18 @@ def load_tensors(path: str | Path):
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"Checkpoint '{path}' is a folder; give the weights file in it (.safetensors or a "
+                        "state-dict .pt).")
     if not path.is_file():
         raise DataError(f"Checkpoint '{path}' not found; train a teacher first or fix 'teacher.checkpoint'.")
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else load_tensors(path)
     except DataError:
         raise
+    except SafetensorError as exc:  # the library's own words ("header too large") say little
+        raise DataError(f"Checkpoint '{path}' is not a readable safetensors file (damaged, truncated or another "
+                        f"format: {first_line(exc)}); write it again or give the right file.") from None
     except Exception as exc:  # corrupt files
         raise DataError(f"Cannot read checkpoint '{path}': {first_line(exc)}") from None
     expected = model.state_dict()
