@@ -504,3 +504,12 @@ def test_a_loaded_teacher_without_a_test_file_is_warned_about_the_split_it_may_h
     with warnings.catch_warnings():
         warnings.simplefilter("error", SoftKDWarning)  # with a test file: nothing to say
         check_run(load_config(None, overrides + [f"data.test_path={tmp_path / 't.npz'}"]))
+
+
+def test_a_command_group_alone_prints_its_help_and_one_error_line():
+    for group, commands in (("cache", "build, info or verify"), ("data", "fetch")):
+        result = _invoke(group)
+        assert result.exit_code == 2 and "Commands" in result.output
+        assert result.output.strip().splitlines()[-1] == f"error: `softkd {group}` needs a command: {commands}."
+    teacher_help = _invoke("teacher", "--help").output
+    assert "teacher.epochs=10" in teacher_help and "method.temperature" not in teacher_help

@@ -193,7 +193,8 @@ def test_time_models_structure_counts_and_ratios():
     out = time_models({"teacher": teacher, "student": student}, (4, 4), batch_sizes=(1, 8),
                       warmup=1, repeats=7, budget_s=60, reference="teacher")
     assert out["threads"] == torch.get_num_threads() and out["torch"] == torch.__version__
-    assert out["device"] == f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    assert out["device"] == ("cpu (1 thread)" if threads == 1 else f"cpu ({threads} threads)")
     assert out["batch_sizes"] == [1, 8] and out["reference"] == "teacher"
     for name in ("teacher", "student"):
         for b in (1, 8):

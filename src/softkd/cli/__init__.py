@@ -25,6 +25,25 @@ errors = Console(stderr=True)
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
 
 
+def set_help(example: str) -> str:
+    return f"Override a config key, e.g. --set {example} (repeatable)."
+
+
+def command_group(name: str, help: str, commands: str) -> typer.Typer:
+    """A group of subcommands (`softkd cache build`): alone, it prints its help and one error line."""
+    group = typer.Typer(help=help, invoke_without_command=True)
+
+    @group.callback()
+    def _needs_a_command(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None:
+            console.print(ctx.get_help())
+            errors.print(f"error: `softkd {name}` needs a command: {commands}.", markup=False, highlight=False)
+            raise typer.Exit(2)
+
+    _needs_a_command.__doc__ = help
+    return group
+
+
 def _print_version(value: bool) -> None:
     if value:
         from softkd import __version__

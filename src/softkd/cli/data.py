@@ -7,10 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config
+from softkd.cli import _progress, _user_errors, app, command_group, console, load_user_config, set_help
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: fetch them into the user cache.")
+data_app = command_group("data", "Datasets: fetch them into the user cache.", "fetch")
 app.add_typer(data_app, name="data")
 
 
@@ -39,7 +39,8 @@ def data_fetch(
     console.print(f"{name}: files verified in {folder}")
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="The soft-label cache: the teacher's logits, computed once.")
+cache_app = command_group("cache", "The soft-label cache: the teacher's logits, computed once.",
+                          "build, info or verify")
 app.add_typer(cache_app, name="cache")
 
 
@@ -47,7 +48,7 @@ app.add_typer(cache_app, name="cache")
 @_user_errors
 def cache_build(
     config: Path = typer.Argument(..., help="YAML run config (its data, teacher and cache sections)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=set_help("cache.dtype=fp32")),
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
 ):
     """Run the teacher once over the transfer set and store its raw logits (cache.dir, or the

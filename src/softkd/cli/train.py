@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config
+from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config, set_help
 
 
 @app.command()
@@ -53,7 +53,7 @@ def run(
 @_user_errors
 def teacher(
     config: Path = typer.Argument(..., help="YAML run config; its data and teacher sections are used."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=set_help("teacher.epochs=10")),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (train.checkpoint_every)."),
 ):
