@@ -513,3 +513,21 @@ def test_a_command_group_alone_prints_its_help_and_one_error_line():
         assert result.output.strip().splitlines()[-1] == f"error: `softkd {group}` needs a command: {commands}."
     teacher_help = _invoke("teacher", "--help").output
     assert "teacher.epochs=10" in teacher_help and "method.temperature" not in teacher_help
+
+
+def test_table_columns_on_very_different_scales_are_warned_about(tmp_path):
+    from softkd.config import load_config
+    from softkd.errors import SoftKDWarning
+    from softkd.pipeline import check_run
+
+    x = np.random.default_rng(0).normal(size=(90, 3)).astype("float32")
+    np.savez(tmp_path / "even.npz", x=x, y=np.tile([0, 1, 2], 30))
+    x[:, 2] *= 1000  # one column around 1,000
+    np.savez(tmp_path / "uneven.npz", x=x, y=np.tile([0, 1, 2], 30))
+    base = ["teacher.model=mlp-16", "train.batch_size=8", "teacher.batch_size=8"]
+    with pytest.warns(SoftKDWarning, match=r"feature columns of .*uneven.npz are on very different scales \(column "
+                                           r"2 varies by about 9\d\d, column \d by [\d.]+\); .* standardise them"):
+        check_run(load_config(None, base + [f"data.path={tmp_path / 'uneven.npz'}"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SoftKDWarning)
+        check_run(load_config(None, base + [f"data.path={tmp_path / 'even.npz'}"]))
