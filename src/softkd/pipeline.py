@@ -152,7 +152,7 @@ def check_run(config: RunConfig, *, out_dir: str | Path | None = None) -> dict:
 
 
 FEW_STEPS = 5  # optimizer steps per epoch below which a run barely trains
-SCALE_RATIO = 100  # table columns whose standard deviations differ by more than this are warned about
+SCALE_RATIO = 100  # table columns whose largest |values| differ by more than this are warned about
 
 
 def _warn_about_settings(config: RunConfig, splits: Splits) -> None:
@@ -175,15 +175,14 @@ def _warn_about_settings(config: RunConfig, splits: Splits) -> None:
                       stacklevel=3)
     shape = splits.train.input_shape
     if len(shape) == 1 and n > 1:  # a table: columns on very different scales train badly, and softkd
-        spread = splits.train.x.float().std(dim=0)  # does not rescale them
-        varying = spread[spread > 0]
-        if varying.numel() > 1 and float(varying.max() / varying.min()) > SCALE_RATIO:
-            wide, narrow = int(spread.argmax()), int(torch.where(spread > 0, spread, spread.max()).argmin())
+        scale = splits.train.x.float().abs().amax(dim=0)  # does not rescale them (largest |value| per column)
+        used = scale[scale > 0]
+        if used.numel() > 1 and float(used.max() / used.min()) > SCALE_RATIO:
+            big, small = int(scale.argmax()), int(torch.where(scale > 0, scale, scale.max()).argmin())
             warnings.warn(f"the feature columns of {d.path or d.name} are on very different scales (column "
-                          f"{wide} varies by about {float(spread[wide]):.3g}, column {narrow} by "
-                          f"{float(spread[narrow]):.3g}); softkd feeds them as they are, so standardise them (e.g. "
-                          "to mean 0, std 1, with statistics from the training rows only) before training.",
-                          SoftKDWarning, stacklevel=3)
+                          f"{big} reaches {float(scale[big]):.3g}, column {small} {float(scale[small]):.3g}); "
+                          "softkd feeds them as they are, so standardise them (e.g. to mean 0, std 1, with "
+                          "statistics from the training rows only) before training.", SoftKDWarning, stacklevel=3)
     side = min(shape[1:]) if len(shape) == 3 else None  # images are (C, H, W); tables have no side
     augments = [("data.augment", config.data.augment)]
     if config.teacher is not None and not config.teacher.checkpoint:
