@@ -531,3 +531,10 @@ def test_table_columns_on_very_different_scales_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SoftKDWarning)
         check_run(load_config(None, base + [f"data.path={tmp_path / 'even.npz'}"]))
+
+
+def test_on_off_flags_are_shown_without_a_value():
+    for command, flag in (("run", "--resume"), ("teacher", "--resume"), ("report", "--figures"),
+                          ("export", "--list"), ("cascade", "--export")):
+        line = next(line for line in _invoke(command, "--help").output.splitlines() if f"{flag} " in line)
+        assert "<bool>" not in line, line

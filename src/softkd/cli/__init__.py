@@ -23,6 +23,7 @@ console = Console()
 errors = Console(stderr=True)
 
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
+FLAG = ""  # the metavar of an on/off flag: typer would show '<bool>', as if it took a value
 
 
 def set_help(example: str) -> str:
@@ -53,7 +54,7 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar=FLAG,
                                           help="Print softkd's version and exit.")) -> None:
     """softkd: knowledge distillation with honest baselines."""
 
