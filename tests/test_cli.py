@@ -538,3 +538,20 @@ def test_on_off_flags_are_shown_without_a_value():
                           ("export", "--list"), ("cascade", "--export")):
         line = next(line for line in _invoke(command, "--help").output.splitlines() if f"{flag} " in line)
         assert "<bool>" not in line, line
+
+
+def test_a_code_running_pickle_is_refused_as_a_training_checkpoint_and_by_evaluate(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": _RunsCode(tmp_path / "ran")}, evil)
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-16, epochs: 1}\ntrain: {checkpoint_every: 5}\n")
+    planted = tmp_path / "out" / "teacher.ckpt" / "ckpt-00000005.pt"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(evil.read_bytes())  # where a resumed run looks for its last checkpoint
+    for args in (("teacher", config, "--out", tmp_path / "out", "--resume"),
+                 ("evaluate", evil, "--data", "digits", "--model", "mlp-16")):
+        result = _invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "holds pickled Python objects, not only tensors; softkd never unpickles them" in result.output
+        assert "weights_only=False" not in result.output
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out" / "teacher.safetensors").exists()
