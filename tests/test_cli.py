@@ -198,6 +198,9 @@ def test_run_loads_a_trained_teacher_and_refuses_one_that_does_not_fit(tmp_path)
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("first", "second")]
     assert reports[0]["teacher"]["accuracy"] == reports[1]["teacher"]["accuracy"]
     assert not (tmp_path / "second" / "teacher.safetensors").exists()  # loaded, not retrained
+    record = json.loads((tmp_path / "second" / "teacher.json").read_text())["result"]  # but recorded, as trained
+    assert record["checkpoint"] == str(weights) and record["params"] == reports[1]["teacher"]["params"]
+    assert record["test"]["accuracy"] == reports[1]["teacher"]["accuracy"] == reports[0]["teacher"]["accuracy"]
     wrong = _invoke("demo", "--out", tmp_path / "third", "--set", "teacher.model=tinycnn-8",
                     "--set", f"teacher.checkpoint={weights}")
     assert wrong.exit_code == 2 and "does not fit the model (shape mismatch: " in wrong.output

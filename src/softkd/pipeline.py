@@ -87,6 +87,12 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
         teacher_eval = stages.test_metrics(teacher_test_logits, test_labels, teacher=False) if teachers else None
         speed = _measure_speed(config, method, teachers, splits) if config.output.latency else None
         report = build_report(config, method, teacher_evals, teacher_eval, runs, splits, speed=speed)
+        if config.teacher is not None and config.teacher.checkpoint:  # a loaded teacher's record, as a trained
+            loaded = teacher_evals[0]                                 # one's (never read back: nothing to reuse)
+            record = {"model": loaded["model"], "params": loaded["params"], "data": config.data.name,
+                      "checkpoint": config.teacher.checkpoint,
+                      "test": {k: loaded[k] for k in ("accuracy", "nll", "ece")}}
+            dist.on_main(lambda: write_stamp(out / "teacher.json", teacher_key, record))
         # The run directory is complete before any process returns.
         dist.on_main(lambda: write_report(report, out))
         return report
