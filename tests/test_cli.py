@@ -558,3 +558,30 @@ def test_a_code_running_pickle_is_refused_as_a_training_checkpoint_and_by_evalua
         assert "holds pickled Python objects, not only tensors; softkd never unpickles them" in result.output
         assert "weights_only=False" not in result.output
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out" / "teacher.safetensors").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_last_good_checkpoint_survives(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    real_mkstemp, written = tempfile.mkstemp, []
+
+    def disk_fills_after_the_first_checkpoint(*args, prefix="", **kwargs):
+        if prefix.startswith(".ckpt-"):
+            written.append(prefix)
+            if len(written) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", kwargs.get("dir"))
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", disk_fills_after_the_first_checkpoint)
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-16, epochs: 2}\ntrain: {checkpoint_every: 5}\n")
+    result = _invoke("teacher", config, "--out", tmp_path / "t")
+    assert result.exit_code == 2, result.output
+    ckpt = tmp_path / "t" / "teacher.ckpt"
+    assert result.output.strip() == (f"error: Cannot write '{ckpt}': No space left on device; free some space or "
+                                     "choose another folder (--out), then run the command again: what was finished "
+                                     "and written is kept.")
+    kept = sorted(p.name for p in ckpt.iterdir())
+    assert kept == ["ckpt-00000005.pt"]  # the good one, and no temporary file left beside it
+    assert torch.load(ckpt / kept[0], weights_only=True)["step"] == 5

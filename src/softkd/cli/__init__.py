@@ -6,6 +6,7 @@ traceback).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -71,8 +72,19 @@ def _user_errors(command):
             if not getattr(exc, "shared", False) or os.environ.get("RANK", "0") == "0":
                 errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # a full disk or a read-only folder met mid-run: what, where, and what is kept
+            if exc.errno not in WRITE_ERRORS or os.environ.get("SOFTKD_DEBUG") == "1":
+                raise
+            where = f" '{exc.filename}'" if exc.filename else ""
+            errors.print(f"error: Cannot write{where}: {exc.strerror}; free some space or choose another folder "
+                         "(--out), then run the command again: what was finished and written is kept.",
+                         markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # only writes fail so (EACCES may be a read)
 
 
 def load_user_config(path, overrides):
