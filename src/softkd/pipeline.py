@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +22,7 @@ from softkd.config import RunConfig, dump_config
 from softkd.data.augment import build_augment
 from softkd.data.datasets import Splits, keep_labels, run_splits
 from softkd.data.loader import build_loader
-from softkd.errors import ConfigError, SoftKDWarning
+from softkd.errors import ConfigError
 from softkd.evaluate.metrics import classification_metrics, predict
 from softkd.evaluate.speed import footprint, time_models
 from softkd.models.weights import load_weights, save_weights
@@ -34,6 +32,7 @@ from softkd.models.zoo import count_params
 from softkd.report.run_log import RunLog, summary_writer
 from softkd.methods import build_method
 from softkd.report.summary import build_report, write_report
+from softkd.preflight import check_out_dir, warn_about_settings
 from softkd.cache.for_run import feature_caches, features_cached, open_or_build
 from softkd.stages import StudentStages, build_run_students, checkpoint_folder, predict_in_shares, read_stamp, stage_hash, write_stamp
 from softkd.train.loop import fit
@@ -62,7 +61,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     student trains data-parallel, the soft-label cache is built in shards across processes,
     and only the main process writes the run directory (the others get the same report)."""
     dist = Distributed()
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)  # bad data, names or checkpoints fail before a file is written
         out = _open_run_dir(config, out_dir)
@@ -113,7 +112,7 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
         raise ConfigError(f"teacher.checkpoint is set ('{config.teacher.checkpoint}'): that teacher is already "
                           "trained, so 'softkd teacher' has nothing to do; remove teacher.checkpoint to train one, "
                           "or use `softkd run` to distill it.")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config, load=False)
         out = _open_run_dir(config, out_dir)
@@ -130,7 +129,7 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> lis
     a feature method's feature caches (one per teacher layer) when its features are cached."""
     if not config.teacher_list:
         raise ConfigError(f"Method '{config.method.name}' trains without a teacher: there is no soft-label cache to build.")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)
         out = _open_run_dir(config, out_dir)
@@ -148,56 +147,13 @@ def check_run(config: RunConfig, *, out_dir: str | Path | None = None) -> dict:
     teachers' checkpoints loaded, the method's own checks (e.g. a feature method's layer paths).
     Returns what was found, for ``softkd validate``."""
     if out_dir is not None:
-        _check_out_dir(out_dir)
+        check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)
     return {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
             "test": len(splits.test), "classes": splits.train.num_classes, "input_shape": splits.train.input_shape,
             "teachers": [{"model": t.model, "params": count_params(m), "checkpoint": t.checkpoint}
                          for t, m in zip(config.teacher_list, teachers)]}
-
-
-FEW_STEPS = 5  # optimizer steps per epoch below which a run barely trains
-SCALE_RATIO = 100  # table columns whose largest |values| differ by more than this are warned about
-
-
-def _warn_about_settings(config: RunConfig, splits: Splits) -> None:
-    """Settings that run but probably do not do what was meant, said once before training."""
-    n = len(splits.train)
-    budgets = [("train.batch_size", config.train.batch_size)]
-    if config.teacher is not None and not config.teacher.checkpoint:
-        budgets.append(("teacher.batch_size", config.teacher.batch_size))
-    for key, batch in budgets:
-        steps = -(-n // batch)
-        if steps < FEW_STEPS:
-            warnings.warn(f"{key} {batch} gives {steps} optimizer step(s) per epoch on the {n:,} training samples, "
-                          f"so the model barely trains; lower {key} (e.g. to {max(1, n // 8)}) or raise the epochs.",
-                          SoftKDWarning, stacklevel=3)
-    d = config.data
-    if d.path is not None and d.test_path is None and any(t.checkpoint for t in config.teacher_list):
-        warnings.warn(f"the teacher comes from a checkpoint and data.test_path is not set, so the test split is "
-                      f"a fixed {d.test_fraction:.0%} of {d.path}, which that teacher may have trained on (its "
-                      "score would be flattered); set data.test_path to data it never saw.", SoftKDWarning,
-                      stacklevel=3)
-    shape = splits.train.input_shape
-    if len(shape) == 1 and n > 1:  # a table: columns on very different scales train badly, and softkd
-        scale = splits.train.x.float().abs().amax(dim=0)  # does not rescale them (largest |value| per column)
-        used = scale[scale > 0]
-        if used.numel() > 1 and float(used.max() / used.min()) > SCALE_RATIO:
-            big, small = int(scale.argmax()), int(torch.where(scale > 0, scale, scale.max()).argmin())
-            warnings.warn(f"the feature columns of {d.path or d.name} are on very different scales (column "
-                          f"{big} reaches {float(scale[big]):.3g}, column {small} {float(scale[small]):.3g}); "
-                          "softkd feeds them as they are, so standardise them (e.g. to mean 0, std 1, with "
-                          "statistics from the training rows only) before training.", SoftKDWarning, stacklevel=3)
-    side = min(shape[1:]) if len(shape) == 3 else None  # images are (C, H, W); tables have no side
-    augments = [("data.augment", config.data.augment)]
-    if config.teacher is not None and not config.teacher.checkpoint:
-        augments.append(("teacher.augment", config.teacher.augment))
-    for key, augment in augments:
-        if augment is not None and side is not None and config.data.shift * 8 > side:
-            warnings.warn(f"{key} '{augment}' shifts images by up to data.shift = {config.data.shift} pixels, more "
-                          f"than an eighth of these {side}-pixel images; set data.shift to about "
-                          f"{max(1, side // 14)} (2 suits 28×28).", SoftKDWarning, stacklevel=3)
 
 
 def _prepare(config: RunConfig, *, load: bool = True):
@@ -207,7 +163,7 @@ def _prepare(config: RunConfig, *, load: bool = True):
     d = config.data
     splits = run_splits(d)
     shape, classes = splits.train.input_shape, splits.train.num_classes
-    _warn_about_settings(config, splits)
+    warn_about_settings(config, splits)
     if config.cache.top_k is not None and config.cache.top_k > classes:
         raise ConfigError(f"The 'cache.top_k' must be <= the data's {classes} classes; got {config.cache.top_k} "
                           "(use top_k: null to store all logits).")
@@ -251,19 +207,6 @@ def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) ->
 
     mine = measure() if dist.is_main else None
     return next((s for s in dist.gather_object(mine) if s is not None), None)
-
-
-def _check_out_dir(out_dir: str | Path) -> None:
-    """Refuse an output folder that cannot be a run directory, before any data is read or model built."""
-    out = Path(out_dir)
-    found = next(p for p in (out, *out.parents) if p.exists())  # ends at "." or "/", which exist
-    fix = "give --out (or output.dir) another folder"
-    if found == out and not out.is_dir():
-        raise ConfigError(f"The output folder '{out}' is an existing file, not a folder; {fix}, or move the file.")
-    if not found.is_dir():
-        raise ConfigError(f"Cannot create the output folder '{out}': '{found}' is a file, not a folder; {fix}.")
-    if not os.access(found, os.W_OK | os.X_OK):
-        raise ConfigError(f"Cannot write the output folder '{out}': '{found}' is not writable; {fix}.")
 
 
 def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
