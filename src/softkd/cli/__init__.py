@@ -20,8 +20,8 @@ from softkd.errors import SoftKDError, SoftKDWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="softkd: knowledge distillation with honest baselines.")
-console = Console()
-errors = Console(stderr=True)
+console = Console(emoji=False)  # a spec like "a:b:c" is text, not an emoji code
+errors = Console(stderr=True, emoji=False)
 
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
 FLAG = ""  # the metavar of an on/off flag: typer would show '<bool>', as if it took a value

@@ -70,6 +70,9 @@ def _load_array(path: Path):
         raise DataError(f"Cannot read '{path}': {first_line(exc)}") from None
     if isinstance(value, dict) or not hasattr(value, "shape"):
         raise DataError(f"'{path}' must hold one (N, C) array of soft labels; got {type(value).__name__}.")
+    if len(value.shape) != 2:
+        raise DataError(f"'{path}' holds an array of shape {tuple(value.shape)}; soft labels are one (N, C) array "
+                        "(a row of class probabilities per sample).")
     return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
 
 
