@@ -298,6 +298,9 @@ CLI_ROWS = [
     ("cache-build-out-is-file", lambda t, s: ["cache", "build", _config(t, TINY_RUN), "--out", _file(t)],
      "is an existing file, not a folder"),
     ("run-config-missing", lambda t, s: ["run", t / "nothere.yaml"], "nothere.yaml' not found"),
+    ("resume-other-settings", lambda t, s: ["run", s["nan_config"], "--out", s["nan_run"], "--resume",
+                                            "--set", "train.lr=2.0e-3"],
+     "was written with other settings (train.lr: 1000000000.0 -> 0.002)"),  # and config.yaml is left as it was
     ("report-not-a-run", lambda t, s: ["report", _folder(t)], "has no report.json: it is not a finished run"),
     # exports
     ("export-not-a-run", lambda t, s: ["export", _folder(t)], "is not a run directory (no config.yaml)"),
@@ -375,13 +378,6 @@ def test_api_bad_input_raises_a_softkd_error_and_writes_nothing(tmp_path, call, 
     assert _snapshot(tmp_path) == before
 
 
-# KNOWN_FAILURES (found by this catalogue, not yet fixed; kept out of the tests):
-#
-# - `softkd run nan.yaml --out RUN --resume --set train.lr=2.0e-3` (RUN holds the checkpoints of a run whose
-#   loss went NaN at lr 1e9): exits 2 with the right one-line refusal ("... was written with other settings
-#   (train.lr: 1000000000.0 -> 0.002); resume with the same config ...") but rewrites RUN/config.yaml with the
-#   refused settings (size and mtime change). Same with `--set train.batch_size=32`.
-#
 # Not covered: `softkd cascade RUN --target-accuracy 93` (and --max-teacher-fraction 1.5, --confidence vibes)
 # check the run directory first: on a run without a distilled student they say "holds no distilled student
 # yet"; a finished run was too slow to build for this file.

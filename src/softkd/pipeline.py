@@ -64,7 +64,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config)  # bad data, names or checkpoints fail before a file is written
-        out = _open_run_dir(config, out_dir)
+        out = _open_run_dir(config, out_dir, resume=resume)
         with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
             teacher_key = _teacher_stage(config, teachers, splits, out, logger, resume)
             teachers = [Teacher(t) for t in teachers]
@@ -93,6 +93,7 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
                       "test": {k: loaded[k] for k in ("accuracy", "nll", "ece")}}
             dist.on_main(lambda: write_stamp(out / "teacher.json", teacher_key, record))
         # The run directory is complete before any process returns.
+        _save_config(config, out)
         dist.on_main(lambda: write_report(report, out))
         return report
 
@@ -115,9 +116,10 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config, load=False)
-        out = _open_run_dir(config, out_dir)
+        out = _open_run_dir(config, out_dir, resume=resume)
         with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
             _teacher_stage(config, teachers, splits, out, logger, resume)
+        _save_config(config, out)
         Distributed().barrier()  # teacher.json is written
         return json.loads((out / "teacher.json").read_text())["result"]
 
@@ -209,7 +211,9 @@ def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) ->
     return next((s for s in dist.gather_object(mine) if s is not None), None)
 
 
-def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
+def _open_run_dir(config: RunConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
+    """The run directory with ``students/`` and the config. A resumed run keeps the config it has
+    until it finishes (:func:`_save_config`): a resume refused for changed settings changes nothing."""
     out = Path(out_dir)
     dist = Distributed()
 
@@ -219,10 +223,16 @@ def _open_run_dir(config: RunConfig, out_dir: str | Path) -> Path:
         except OSError as exc:  # a race with another process, a full or read-only disk
             raise ConfigError(f"Cannot create the output folder '{out}': {exc.strerror}; give --out (or "
                               "output.dir) another folder.") from None
-        atomic_write_text(out / "config.yaml", dump_config(config))
+        if not (resume and (out / "config.yaml").is_file()):
+            atomic_write_text(out / "config.yaml", dump_config(config))
 
     dist.on_main(create)  # every process reads the folder as the main process left it
     return out
+
+
+def _save_config(config: RunConfig, out: Path) -> None:
+    """The config the finished run ran with (a resumed run's is written only now)."""
+    Distributed().on_main(lambda: atomic_write_text(out / "config.yaml", dump_config(config)))
 
 
 def _teacher_key(t, mode: str = "python") -> dict:
