@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from pickles import save_code_running_pickle
 from softkd.cli import app
 from softkd.errors import ConfigError, InfeasibleSoftTargetsError, UnknownNameError
 
@@ -82,17 +83,8 @@ def _soft_npy(tmp, rows, name="soft.npy"):
     return tmp / name
 
 
-class _RunsCode:  # unpickling this runs code: it must never be unpickled
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def _pickled_pt(tmp):
-    torch.save({"soft": _RunsCode(tmp / "ran")}, tmp / "evil.pt")
-    return tmp / "evil.pt"
+    return save_code_running_pickle(tmp / "evil.pt", tmp / "ran", key="soft")
 
 
 def _weights(tmp, tensors, name="w.safetensors"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pickles import save_code_running_pickle
 from softkd.cli import app
 
 runner = CliRunner()
@@ -133,17 +134,9 @@ def test_softkd_teacher_on_a_trained_teacher_says_there_is_nothing_to_train(tmp_
     assert "nothing to do" in result.output and not (tmp_path / "t").exists()
 
 
-class _RunsCode:  # unpickling this runs code: it must never be unpickled
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_a_pickle_that_would_run_code_is_refused_in_softkds_words(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"weight": _RunsCode(tmp_path / "ran")}, evil)
+    save_code_running_pickle(evil, tmp_path / "ran")
     config = tmp_path / "c.yaml"
     config.write_text(f"teacher: {{model: mlp-16, checkpoint: {evil}}}\noutput: {{dir: {tmp_path / 'out'}}}\n")
     for args in (("validate", evil), ("run", config)):
@@ -545,7 +538,7 @@ def test_on_off_flags_are_shown_without_a_value():
 
 def test_a_code_running_pickle_is_refused_as_a_training_checkpoint_and_by_evaluate(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"weight": _RunsCode(tmp_path / "ran")}, evil)
+    save_code_running_pickle(evil, tmp_path / "ran")
     config = tmp_path / "c.yaml"
     config.write_text("teacher: {model: mlp-16, epochs: 1}\ntrain: {checkpoint_every: 5}\n")
     planted = tmp_path / "out" / "teacher.ckpt" / "ckpt-00000005.pt"
