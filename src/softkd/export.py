@@ -22,7 +22,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -41,7 +40,7 @@ from softkd.models.loading import resolve_model
 from softkd.models.weights import load_weights
 from softkd.report.curves import best_validation
 from softkd.stages import build_run_students
-from softkd.utils import atomic_write_text
+from softkd.utils import atomic_write_text, temporary_beside
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
 MIN_AGREEMENT = 0.999
@@ -110,7 +109,7 @@ def export_student(run_dir: str | Path, *, format: str = "onnx", student: str | 
     eager = _predict(model, x, CHECK_BATCH)
     made_folder = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+    fd, name = temporary_beside(target, suffix=f".tmp{target.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +18,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -26,6 +29,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder, ``.<name>.<pid>@<host>.<random><suffix>``, after
+    removing those that processes of this machine which no longer run left for the same name: a
+    process killed between writing and renaming leaves its temporary file, the next write of the
+    same file takes it away (never one whose writer may still be writing)."""
+    prefix, host = f".{path.name}.", _HOST
+    for old in path.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = re.match(r"(\d+)@([^.]*)\.", old.name[len(prefix):])
+        if owner and owner.group(2) == host and not _alive(int(owner.group(1))):
+            old.unlink(missing_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}@{host}.", suffix=suffix)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:
