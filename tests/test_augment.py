@@ -121,11 +121,16 @@ def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_pat
     assert len(seen) == 3 * 5
     views_used = set()
     with torch.no_grad():
-        for x, taught, ids in seen:
+        for i, (x, taught, ids) in enumerate(seen):
             torch.testing.assert_close(taught, teacher(x), rtol=1e-5, atol=1e-5)  # consistent teaching
-            assert not torch.equal(x, images.x[ids - 1000])  # augmented, not the raw images
-        for epoch in range(3):
-            views_used |= set(aug.pick(images.ids, epoch + 1, 4).tolist())
+            raw = images.x[ids - 1000]
+            assert not torch.equal(x, raw)  # augmented, not the raw images
+            # (K, B): which views each recorded sample is; two views may draw the same shift and flip
+            matches = torch.stack([(aug(raw, ids, v) == x).flatten(1).all(1) for v in range(4)])
+            picked = aug.pick(ids, i // 5 + 1, 4)  # five batches an epoch, epochs counted from 1
+            assert matches[picked, torch.arange(len(ids))].all()
+            only_one = matches.sum(0) == 1  # samples that a single view could have made
+            views_used |= set(matches[:, only_one].int().argmax(0).tolist())
     assert views_used == {0, 1, 2, 3}
 
 

@@ -164,11 +164,14 @@ def test_unknown_precision_is_refused(digit_splits):
                    precision="fp8")
 
 
-def test_device_selection():
+def test_device_selection(monkeypatch):
     from softkd.train.runtime import select_device
 
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # a lone process takes the first GPU
     assert select_device("cpu") == torch.device("cpu")
-    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else select_device("auto").type)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("mps" if mps else "cpu")
+    assert select_device("auto") == expected
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="'cuda' is not available"):
             select_device("cuda")

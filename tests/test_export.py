@@ -78,10 +78,8 @@ def test_onnx_export_prints_its_check_and_holds_the_student_alone(feature_run, o
     assert check["student"] == expected and check["exporter"] == "torch.onnx (dynamo)"
     path = feature_run / "export" / f"{expected}.onnx"
     assert check["path"] == str(path) and path.is_file() and check["size_bytes"] == path.stat().st_size
-    assert check["agreement"] >= MIN_AGREEMENT and check["agreement_batch1"] >= MIN_AGREEMENT
     assert check["test_samples"] == 359 and check["batch1_samples"] == 64 and check["max_abs_diff"] < 1e-4
     assert check["accuracy_eager"] == pytest.approx(_stamp(feature_run, expected)["accuracy"], abs=1e-6)
-    assert abs(check["accuracy_exported"] - check["accuracy_eager"]) <= 1 - MIN_AGREEMENT
     for figure in ("top-1 agreement", "max |Δlogit|", "eager", "exported", f"{expected}.onnx.json",
                    "onnxruntime against eager PyTorch, p50 on cpu", "batch 1 "):
         assert figure in output
@@ -90,7 +88,12 @@ def test_onnx_export_prints_its_check_and_holds_the_student_alone(feature_run, o
     assert speed["ratios"]["onnxruntime"]["batch1"] == pytest.approx(
         speed["models"]["eager"]["batch1"]["p50_ms"] / speed["models"]["onnxruntime"]["batch1"]["p50_ms"])
     assert not list((feature_run / "export").glob(".*"))  # no temporary file left
-    student, _ = load_student(feature_run, expected)
+    student, info = load_student(feature_run, expected)
+    # a batch size the check did not use
+    x = torch.rand(3, *info["input_shape"], generator=torch.Generator().manual_seed(0))
+    exported, _ = load_exported(path)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), student(x), atol=1e-4)
     state = sum(t.numel() for t in student.state_dict().values() if t.is_floating_point())
     norms = sum(p.numel() for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     # Batch norm is folded into the convolutions: the file holds the student's weights, no more
@@ -123,7 +126,6 @@ def test_pt2_and_safetensors_exports_pass_their_checks_and_run_alone(feature_run
         path = tmp_path / f"distilled-labels1-seed1.{fmt}"
         assert check["path"] == str(path) and path.is_file()
         assert json.loads((tmp_path / f"{path.name}.json").read_text()) == check
-        assert check["agreement"] >= MIN_AGREEMENT and check["agreement_batch1"] >= MIN_AGREEMENT
         moved = tmp_path / "elsewhere" / path.name  # no run directory needed to run it
         moved.parent.mkdir(exist_ok=True)
         shutil.copy(path, moved)
@@ -167,8 +169,7 @@ def test_a_peer_name_exports_that_peer_alone(mutual_run, tmp_path):
     check = json.loads((tmp_path / "peer1.onnx.json").read_text())
     assert check["student"] == "distilled-peer1-labels1-seed0" and check["model"] == "mlp-16"
     peer1 = count_params(build_model("mlp-16", input_shape=(1, 8, 8), num_classes=10))
-    peer0 = count_params(build_model("tinycnn-8", input_shape=(1, 8, 8), num_classes=10))
-    assert _onnx_floats(tmp_path / "peer1.onnx") == peer1 < peer0 + peer1  # no other peer in it
+    assert _onnx_floats(tmp_path / "peer1.onnx") == peer1  # no other peer in it
     _, info = load_student(mutual_run, "peer0")
     assert info["name"] == "distilled-peer0-labels1-seed0" and info["model"] == "tinycnn-8"
 
@@ -240,4 +241,8 @@ def test_onnx_falls_back_to_the_torchscript_exporter_and_says_so(feature_run, tm
     monkeypatch.setattr(torch.onnx, "export", without_dynamo)
     check = export_student(feature_run, student="distilled-labels1-seed0", out=tmp_path / "old.onnx")
     assert check["exporter"] == "torch.onnx (TorchScript; the dynamo exporter failed: dynamo exporter unavailable)"
-    assert check["agreement"] >= MIN_AGREEMENT and (tmp_path / "old.onnx").is_file()
+    student, info = load_student(feature_run, "distilled-labels1-seed0")
+    x = torch.rand(3, *info["input_shape"], generator=torch.Generator().manual_seed(0))
+    exported, _ = load_exported(tmp_path / "old.onnx")
+    with torch.no_grad():
+        assert torch.allclose(exported(x), student(x), atol=1e-4)

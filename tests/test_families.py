@@ -360,9 +360,11 @@ def test_the_digits_recipes_of_both_families_run_end_to_end(tmp_path, recipe, ov
     config = load_config(path, ["teacher.epochs=3" if "feature" in recipe else "train.epochs=2", "train.epochs=2",
                                 "train.seeds=[0]", *overrides])
     report = run_experiment(config, out_dir=tmp_path / "run")
+    assert report["students"]
     for entry in report["students"].values():
+        assert entry["regimes"]
         for regime in entry["regimes"].values():
-            assert 0.0 < regime["distilled"]["accuracy"]["mean"] <= 1.0
+            assert regime["distilled"]["accuracy"]["mean"] > 0.3, regime["distilled"]["accuracy"]  # chance is 0.1
     assert ("teacher" in report) == ("feature" in recipe)
 
 

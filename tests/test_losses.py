@@ -155,8 +155,12 @@ def test_kl_is_nonnegative_on_random_inputs(seed, shape, temperature):
     s = randn(*shape, seed=seed, scale=4.0)
     t = randn(*shape, seed=seed + 100, scale=4.0)
     assert soft_target_kl(s, t, temperature=temperature).item() >= 0.0
+    # The probabilities path clamps each row at 0, so a sign check could not fail there: its value
+    # instead, to float32 round-off (T² times it) where the two distributions nearly agree.
     p = soften(t, temperature)
-    assert soft_target_kl(s, soft_targets=p, temperature=temperature).item() >= 0.0
+    expected = np_masked_mean(np_soft_kl_rows(as_np(s), as_np(p), temperature), None)
+    assert soft_target_kl(s, soft_targets=p, temperature=temperature).item() == pytest.approx(
+        expected, rel=1e-5, abs=1e-6 * max(1.0, temperature**2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,28 +217,17 @@ def test_kd_objective_matches_numpy_reference(temperature):
 GOLDEN_STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
 GOLDEN_TEACHER = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
 GOLDEN_LABELS = [2, -1]
+# T=1 in closed form: (2(e²−1)/(e²+e+1) + (e−1)/(e+2)) / 2 = 0.757298046179...
+GOLDEN_KL_T1 = (2 * (math.e**2 - 1) / (math.e**2 + math.e + 1) + (math.e - 1) / (math.e + 2)) / 2
+# CE of the labeled row: −log softmax([1,2,3])[2] = log(1 + e⁻¹ + e⁻²) = 0.407605964444...
+GOLDEN_CE = math.log(1 + math.exp(-1) + math.exp(-2))
 
 
-@pytest.mark.parametrize(
-    "temperature, expected",
-    [
-        # T=1 closed form: (2(e²−1)/(e²+e+1) + (e−1)/(e+2)) / 2
-        (1.0, 0.757298046179),
-        (4.0, 0.832788901555),
-    ],
-)
+@pytest.mark.parametrize("temperature, expected", [(1.0, GOLDEN_KL_T1), (4.0, 0.832788901555)])
 def test_golden_soft_target_kl(temperature, expected):
     s = torch.tensor(GOLDEN_STUDENT)
     t = torch.tensor(GOLDEN_TEACHER)
     assert soft_target_kl(s, t, temperature=temperature).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_golden_closed_form_matches_literal():
-    # Guards the hard-coded literal above against a typo (pure arithmetic, no library code).
-    e = math.e
-    assert (2 * (e**2 - 1) / (e**2 + e + 1) + (e - 1) / (e + 2)) / 2 == pytest.approx(0.757298046179, rel=1e-11)
-    # CE of the labeled row: −log softmax([1,2,3])[2] = log(1 + e⁻¹ + e⁻²)
-    assert math.log(1 + math.exp(-1) + math.exp(-2)) == pytest.approx(0.407605964444, rel=1e-11)
 
 
 def test_golden_kd_objective():
@@ -242,11 +235,9 @@ def test_golden_kd_objective():
     t = torch.tensor(GOLDEN_TEACHER)
     out = kd_objective(s, torch.tensor(GOLDEN_LABELS), t, temperature=4.0, beta=0.9)
     assert set(out) == {"loss", "ce", "kd"}
-    assert out["ce"].item() == pytest.approx(0.407605964444, rel=1e-6)
+    assert out["ce"].item() == pytest.approx(GOLDEN_CE, rel=1e-6)
     assert out["kd"].item() == pytest.approx(0.832788901555, rel=1e-6)
     assert out["loss"].item() == pytest.approx(0.790270607844, rel=1e-6)
-    assert out["loss"].requires_grad is False  # inputs do not require grad
-    assert not out["ce"].requires_grad and not out["kd"].requires_grad
 
 
 def test_golden_soft_targets_path():
@@ -346,7 +337,6 @@ def test_analytic_gradient_logits_path(temperature):
     soft_target_kl(s, t, temperature=temperature).backward()
     expected = temperature * (np_softmax_t(s, temperature) - np_softmax_t(t, temperature)) / n
     assert torch.allclose(s.grad.double(), expected, atol=1e-6, rtol=1e-4)
-    assert t.grad is None  # the teacher is never differentiated
 
 
 def test_teacher_logits_are_detached():

@@ -88,13 +88,6 @@ def test_dkd_golden_values(temperature, tckd, nckd):
     assert float(got[1]) == pytest.approx(nckd, rel=1e-5)
 
 
-def test_dkd_golden_values_are_the_numpy_reference():
-    for temperature, tckd, nckd in [(1.0, 0.5215845481216554, 0.29111583210914366),
-                                    (4.0, 0.6093583385789795, 0.3110439180943779)]:
-        ref = np_dkd(np.array(GOLDEN_STUDENT), np.array(GOLDEN_TEACHER), np.array(GOLDEN_TARGET), temperature)
-        assert ref[0] == pytest.approx(tckd, rel=1e-12) and ref[1] == pytest.approx(nckd, rel=1e-12)
-
-
 def test_dkd_objective_weights_its_terms():
     s, t = randn(8, 5, seed=3, scale=2), randn(8, 5, seed=4, scale=2)
     y = torch.tensor([0, 1, 2, 3, 4, -1, -1, 2])
@@ -154,8 +147,6 @@ def test_dist_golden_values():
     inter, intra = dist_terms(s, t, temperature=1.0)
     assert float(inter) == pytest.approx(1.6223642355273988, rel=1e-5)
     assert float(intra) == pytest.approx(1.858324655238109, rel=1e-5)
-    ref = np_dist(s.double().numpy(), t.double().numpy(), 1.0)
-    assert ref == pytest.approx((1.6223642355273988, 1.858324655238109), rel=1e-12)
 
 
 def test_dist_mask_leaves_rows_out_of_both_relations():

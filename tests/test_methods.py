@@ -94,7 +94,9 @@ def test_resume_refuses_a_changed_method_setting(tmp_path, digit_splits, teacher
 def test_no_teacher_weights_in_a_student_checkpoint(tmp_path, digit_splits, teacher):
     softkd.distill(_student(), teacher, digit_splits.train, epochs=1, batch_size=128, checkpoint_dir=tmp_path,
                    checkpoint_every=3)
-    for path in tmp_path.glob("ckpt-*.pt"):
+    checkpoints = sorted(tmp_path.glob("ckpt-*.pt"))
+    assert checkpoints
+    for path in checkpoints:
         state = torch.load(path, weights_only=True)
         assert state["method_parts"] == {} and "objective" not in state
         shapes = {tuple(v.shape) for v in state["model"].values()}
@@ -133,6 +135,7 @@ class _LearnedBias(Method):
             classes = model.eval()(batch["x"]).shape[-1]
         model.train()
         self.parts = nn.Linear(classes, classes)
+        self.initial_weight = self.parts.weight.detach().clone()  # what training must move
 
     def forward(self, model, batch, *, labeled_count=None, sample_count=None):
         logits = self.run_parts(model(batch["x"]))
@@ -145,7 +148,7 @@ def test_trainable_parts_are_optimised_checkpointed_restored_and_kept_out_of_the
     result = softkd.fit(_student(), digit_splits.train, objective=method, val_data=digit_splits.val, epochs=2,
                         batch_size=128, checkpoint_dir=tmp_path / "a", checkpoint_every=4)
     assert isinstance(method.parts, nn.Linear)
-    assert not torch.equal(method.parts.weight, nn.Linear(10, 10).weight)  # trained (from some other init)
+    assert not torch.equal(method.parts.weight, method.initial_weight)  # trained
     saved = torch.load(sorted((tmp_path / "a").glob("ckpt-*.pt"))[-1], weights_only=True)
     assert set(saved["method_parts"]) == {"weight", "bias"}
     assert set(result.model.state_dict()) == set(_student().state_dict())  # the student alone
@@ -264,7 +267,7 @@ def test_a_run_with_several_teachers_reports_each_and_their_ensemble(tmp_path):
 
     checkpoints = []
     for i, model in enumerate(("mlp-16", "mlp-32")):
-        cfg = config_from_dict(dict(TINY, teacher={"model": model, "epochs": 2}))
+        cfg = config_from_dict(dict(TINY, teacher={"model": model, "epochs": 16}))  # well above chance (0.1)
         train_teacher(cfg, out_dir=tmp_path / f"t{i}")
         checkpoints.append(str(tmp_path / f"t{i}" / "teacher.safetensors"))
     no_teacher = {k: v for k, v in TINY.items() if k != "teacher"}
@@ -275,7 +278,7 @@ def test_a_run_with_several_teachers_reports_each_and_their_ensemble(tmp_path):
     report = run_experiment(config, out_dir=tmp_path / "out")
     assert [t["model"] for t in report["teachers"]] == ["mlp-16", "mlp-32"]
     assert report["teacher"]["model"] == "ensemble of 2 (mlp-16, mlp-32)"
-    assert all(0 < t["accuracy"] <= 1 for t in report["teachers"]) and 0 < report["teacher"]["accuracy"] <= 1
+    assert all(t["accuracy"] > 0.5 for t in report["teachers"]) and report["teacher"]["accuracy"] > 0.5
     assert (tmp_path / "out" / "cache" / "teacher0" / "manifest.json").is_file()
     assert (tmp_path / "cache-t1" / "manifest.json").is_file()
     assert "Teachers' own test accuracy: mlp-16" in (tmp_path / "out" / "report.md").read_text()
