@@ -42,8 +42,9 @@ def dist_terms(
 
     Both are 0 when the student's probabilities equal the teacher's (or are any positive affine
     map of them per row / column) and at most 2·T². The intra-class term is a statistic of the
-    whole batch, not a mean over samples: ``count`` scales it by this batch's share of the
-    samples (n / count), so micro-batches of one step add up to their sample-weighted mean.
+    whole batch, not a mean over samples (0 with fewer than two samples kept): ``count`` scales it
+    by this batch's share of the samples (n / count), so micro-batches of one step add up to their
+    sample-weighted mean.
     Shapes (N, C); ``mask`` (N,) leaves rows out of both.
     """
     check_temperature(temperature)
@@ -57,8 +58,9 @@ def dist_terms(
     inter = _masked_mean(1 - pearson(p_s, p_t, dim=1), mask, count)
     weights = None if rows is None else rows[:, None].expand_as(p_s)
     intra = (1 - pearson(p_s, p_t, dim=0, weights=weights)).mean()
+    n = p_s.shape[0] if rows is None else rows.sum()
+    intra = intra * (n >= 2)  # no relation across a batch of fewer than two samples: no term (not 1 − 0)
     if count is not None:
-        n = p_s.shape[0] if rows is None else rows.sum()
         intra = intra * n / count
     scale = temperature**2
     return scale * inter, scale * intra

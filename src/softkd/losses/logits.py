@@ -196,7 +196,9 @@ def kd_objective(
         if soft_targets is not None:
             raise ConfigError("'standardize' z-scores the teacher's logits; it cannot apply to soft_targets "
                               "(probabilities): give teacher logits or set standardize: false.")
-        kd_student, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits.detach())
+        kd_student = standardize_logits(student_logits)
+        if teacher_logits is not None:  # none: soft_target_kl says what it needs
+            teacher_logits = standardize_logits(teacher_logits.detach())
     else:
         kd_student = student_logits
     kd = soft_target_kl(
@@ -224,6 +226,7 @@ def ensemble_targets(teacher_logits: torch.Tensor, weights: torch.Tensor, *, tem
     """Several teachers' logits (B, M, C) as one target, ``(teacher_logits, soft_targets)`` with
     one of them None: ``probs``: soft targets Σ_m w_m · softmax(t_m / T); ``logits``: the logits
     Σ_m w_m · t_m (softened by T later). ``weights`` (M,) sum to 1."""
+    check_temperature(temperature)
     if teacher_logits.ndim != 3 or teacher_logits.shape[1] != weights.shape[0]:
         raise ShapeMismatchError(f"Multi-teacher logits must have shape (B, {weights.shape[0]}, C), one row per "
                                  f"teacher; got {tuple(teacher_logits.shape)}.")
