@@ -231,6 +231,13 @@ class RunConfig(_Section):
             raise ValueError(f"method '{self.method.name}' combines several teachers: list them under 'teachers:'")
         return self
 
+    @model_validator(mode="after")
+    def _a_search_has_validation_data(self):
+        if method_class(self.method.name).searches and self.data.val_fraction == 0:
+            raise ValueError(f"method '{self.method.name}' chooses by validation accuracy, and data.val_fraction is 0 "
+                             "(no validation split); set data.val_fraction > 0, e.g. 0.1")
+        return self
+
     @property
     def teacher_list(self) -> list[TeacherConfig]:
         """The run's teachers: ``teachers``, or the one ``teacher`` (none for a teacher-free method)."""

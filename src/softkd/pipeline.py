@@ -305,6 +305,8 @@ def _teacher_epochs(config: RunConfig) -> int:
 
 
 def _count_epochs(config: RunConfig) -> int:
-    peers = len(build_method(config.method).student_specs(config.student.model))
-    students = len(config.data.fractions) * len(config.train.seeds) * (peers + 1)  # one cohort run, N scratch
+    method = build_method(config.method)
+    peers = len(method.student_specs(config.student.model))
+    runs = len(method.candidates()) if method.searches else 1  # a search trains every candidate
+    students = len(config.data.fractions) * len(config.train.seeds) * (peers + runs)  # cohort run(s), N scratch
     return _teacher_epochs(config) + students * config.train.epochs

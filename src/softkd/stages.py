@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from softkd.data.augment import build_augment
 from softkd.data.datasets import Splits
 from softkd.data.loader import build_loader
 from softkd.evaluate.metrics import detailed_metrics, predict
+from softkd.methods import build_method
 from softkd.models.loading import resolve_model
 from softkd.models.weights import load_weights, save_weights
 from softkd.models.zoo import count_params
@@ -26,7 +28,7 @@ from softkd.train.distill import distill
 from softkd.train.distributed import Distributed
 from softkd.train.loop import fit
 from softkd.train.runtime import inference_batch_size, resident, select_device
-from softkd.utils import atomic_write_text
+from softkd.utils import atomic_write_bytes, atomic_write_text
 
 STAMP_FORMAT = 2  # stage stamps written by softkd 0.2 (0.1's have no "format")
 
@@ -95,20 +97,53 @@ class StudentStages:
         self.specs = method.student_specs(config.student.model)
         self.transfer_logits = None  # the teachers' pass over the transfer set, shared by every run
         self.transfer_features = None  # a feature method's cached teacher features (see cache/for_run.py)
+        self.scratch = {}  # (fraction, seed) -> the scratch twin's result, which a search compares with
 
     def run(self, kind: str, transfer, fraction: float, seed: int) -> list[dict]:
-        """Scratch: each student's twin, one run each. Distilled: one run trains them all."""
+        """Scratch: each student's twin, one run each. Distilled: one run trains them all; for a
+        search (method auto), one run per candidate and the best on validation (after scratch)."""
         if kind == "scratch":
-            return [r for name in self.specs for r in self._stage(kind, transfer, fraction, seed, [name])]
+            results = [r for name in self.specs for r in self._stage(kind, transfer, fraction, seed, [name])]
+            self.scratch[(fraction, seed)] = results
+            return results
+        if self.method.searches:
+            return [self._search(transfer, fraction, seed)]
         return self._stage(kind, transfer, fraction, seed, list(self.specs))
 
-    def _stage(self, kind, transfer, fraction, seed, names) -> list[dict]:
-        config, method, dist = self.config, self.method, Distributed()
-        distilled = kind == "distilled"
+    def _search(self, transfer, fraction: float, seed: int) -> dict:
+        """Method auto: every candidate setting trained as a distilled student with the scratch
+        twin's initial weights, data and budget; the distilled student is whichever of them and the
+        scratch twin is best on the validation split (scratch on a tie). The test split plays no part."""
+        (scratch,) = self.scratch[(fraction, seed)]
+        tried = [(tag, self._stage("candidate", transfer, fraction, seed, [""], tag=tag,
+                                   method=build_method(params, teachers=self.teachers))[0])
+                 for tag, params in self.method.candidates()]
+        chosen, best = best_on_validation([("scratch", scratch), *tried])
+        search = {"chosen": chosen, "scratch_val_accuracy": scratch["val_accuracy"],
+                  "scratch_train_s": scratch["train_s"], "runs": len(tried),
+                  "train_s": sum(r["train_s"] for _, r in tried),
+                  "candidates": [{"setting": tag, "method": r["method"], "val_accuracy": r["val_accuracy"],
+                                  "train_s": r["train_s"]} for tag, r in tried]}
+        result = {**best, "kind": "distilled", "chosen": chosen, "method": best.get("method"), "search": search}
+        file = f"distilled-labels{fraction:g}-seed{seed}"
+        source = self.out / "students" / f"{best['file']}.safetensors"
+        key = stage_hash("search", self.method.key(), [(tag, r["key"]) for tag, r in [("scratch", scratch), *tried]])
+        if read_stamp(self.out / "students" / f"{file}.json", key) is None:
+            def write():
+                atomic_write_bytes(self.out / "students" / f"{file}.safetensors", source.read_bytes())
+                write_stamp(self.out / "students" / f"{file}.json", key, {**result, "file": file})
+            Distributed().on_main(write)
+        return {**result, "file": file}
+
+    def _stage(self, kind, transfer, fraction, seed, names, *, method=None, tag=None) -> list[dict]:
+        """``kind`` scratch or distilled, or candidate: one setting of a search (``method``, named ``tag``)."""
+        config, method, dist = self.config, method or self.method, Distributed()
+        distilled = kind != "scratch"
         cache_key = config.cache.model_dump(exclude={"dir", "shard_size", "views", "features"})
         if method.needs == "features":  # cached (fp16) or live features: the same run, not the same arithmetic
             cache_key["features"] = features_cached(config)
-        files = {name: f"{kind}{'-' + name if name else ''}-labels{fraction:g}-seed{seed}" for name in names}
+        files = {name: f"{kind}{'-' + (tag or name) if (tag or name) else ''}-labels{fraction:g}-seed{seed}"
+                 for name in names}
         keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
                                  train_key(config), method.key() if distilled else None,
                                  cache_key if distilled else None, *augment_key(config),
@@ -119,7 +154,8 @@ class StudentStages:
         if all(r is not None for r in results):
             for name in names:
                 self.logger.skip(config.train.epochs if name == names[0] else 0, f"{files[name]} (up to date)")
-            return [self._with_detail(r, name, files[name], keys[name], seed) for r, name in zip(results, names)]
+            return [{**self._with_detail(r, name, files[name], keys[name], seed), "file": files[name], "key": keys[name]}
+                    for r, name in zip(results, names)]
         for name in names:
             note_stale(stamps[name], self.logger)
         features = method.needs == "features" and features_cached(config)
@@ -129,23 +165,28 @@ class StudentStages:
             caches = feature_caches(config, self.teachers[0], self.splits, self.out, self.logger)
             self.transfer_features = [cache.rows() for cache in caches]
         twin = {"student": names[0]} if not distilled and names[0] else {}  # a peer's scratch twin
-        log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin)
+        setting = {"setting": tag} if tag else {}
+        log = self.logger.bind(stage=kind, labeled_fraction=fraction, seed=seed, **twin, **setting)
         resume_from = checkpoint_folder(config, self.out / "students" / f"{files[names[0]]}.ckpt", self.resume)
         run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
-                   "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin}
+                   "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin, **setting}
+        started = time.perf_counter()
         trained = train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
                                   self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
                                   resume=self.resume, run_key=run_key)
+        train_s = time.perf_counter() - started
         results = []
         for name in names:
             student = trained[name]
             logits, labels = predict_in_shares(student, self.splits.test, dist)
             result = {"kind": kind, "labeled_fraction": fraction, "seed": seed,
                       **({"student": name, "model": self.specs[name]} if name else {}),
+                      **({"setting": tag, "method": method.key()} if tag else {}),
                       "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
-                      **self.test_metrics(logits, labels), "params": count_params(student)}
+                      **self.test_metrics(logits, labels), **self._val_accuracy(student),
+                      "params": count_params(student), "train_s": train_s}
             dist.on_main(lambda: save_student(self.out, files[name], student, keys[name], result))
-            results.append(result)
+            results.append({**result, "file": files[name], "key": keys[name]})
         if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
             shutil.rmtree(resume_from, ignore_errors=True)
         return results
@@ -158,11 +199,19 @@ class StudentStages:
         return {**{k: metrics[k] for k in flat if k in metrics},
                 "detail": {k: v for k, v in metrics.items() if k not in flat}}
 
+    def _val_accuracy(self, student) -> dict:
+        """Accuracy on the validation split (what a search chooses by), when there is one."""
+        if self.splits.val is None:
+            return {}
+        logits, labels = predict_in_shares(student, self.splits.val, Distributed())
+        return {"val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
     def _with_detail(self, result: dict, name: str, file: str, key: str, seed: int) -> dict:
-        """A stamp written before softkd 0.4 has no ``detail``: the saved student is evaluated
-        again (a test-set pass, no training) and its stamp completed under the same key."""
+        """A stamp written before softkd 0.4 has no ``detail`` (before 0.5 no ``val_accuracy``): the
+        saved student is evaluated again (no training) and its stamp completed under the same key."""
         weights = self.out / "students" / f"{file}.safetensors"
-        if "detail" in result or not weights.exists():
+        missing_val = "val_accuracy" not in result and self.splits.val is not None
+        if ("detail" in result and not missing_val) or not weights.exists():
             return result
         shape, classes = self.splits.train.input_shape, self.splits.train.num_classes
         student = build_run_students(self.config, self.method, seed=seed, input_shape=shape,
@@ -170,9 +219,15 @@ class StudentStages:
         load_weights(student, weights)
         logits, labels = predict_in_shares(student.to(select_device(self.config.train.device)), self.splits.test,
                                             Distributed())
-        result = {**result, **self.test_metrics(logits, labels)}
+        result = {**result, **self.test_metrics(logits, labels), **self._val_accuracy(student)}
         Distributed().on_main(lambda: write_stamp(self.out / "students" / f"{file}.json", key, result))
         return result
+
+
+def best_on_validation(choices: list[tuple[str, dict]]) -> tuple[str, dict]:
+    """The (tag, result) with the highest ``val_accuracy``; of equals, the first (scratch, listed
+    first by a search, wins a tie: no distillation for nothing)."""
+    return max(choices, key=lambda choice: choice[1]["val_accuracy"])
 
 
 def build_run_students(config: RunConfig, method, *, seed: int, input_shape, num_classes: int) -> dict:
@@ -237,7 +292,7 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
             first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
         views = config.cache.views if augment is not None and config.cache.enabled else None
         return {names[0]: fit(student, transfer, augment=augment, views=views, **budget).model}
-    return distill(first, teachers, transfer, method=config.method, teacher_logits=transfer_logits,
+    return distill(first, teachers, transfer, method=method.params, teacher_logits=transfer_logits,
                    teacher_features=transfer_features, augment=augment, **budget).students
 
 

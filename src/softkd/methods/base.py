@@ -97,6 +97,7 @@ class Method(GraphSafe, nn.Module):
     teachers_needed: ClassVar[str] = "one"  # "one", "several" or "none"
     terms: ClassVar[tuple[str, ...]] = ("loss",)
     takes_soft_targets: ClassVar[bool] = False  # probabilities in place of teacher logits
+    searches: ClassVar[bool] = False  # a search over whole runs (auto), which the pipeline carries out
 
     def __init__(self, params: MethodParams | None = None, *, teachers=(), teacher: nn.Module | None = None,
                  **values):
@@ -215,7 +216,7 @@ def method_class(name: str) -> type[Method]:
     return METHODS.resolve(name)[0]
 
 
-def method_params(method: str | type[Method] | MethodParams, **values) -> MethodParams:
+def method_params(method: str | type[Method] | MethodParams, /, **values) -> MethodParams:
     """Validated parameters of ``method`` (a name, a class or params to update with ``values``)."""
     if isinstance(method, MethodParams):
         if not values:
@@ -239,7 +240,7 @@ def _describe_error(cls: type[Method], error: dict) -> str:
             f"got {error.get('input')!r}.")
 
 
-def build_method(method: str | MethodParams = "soft-target", *, teachers=(), **values) -> Method:
+def build_method(method: str | MethodParams = "soft-target", /, *, teachers=(), **values) -> Method:
     """The method ``method`` (name or params) with ``teachers``, e.g.
     ``build_method("dkd", teachers=[teacher], beta=8.0)``."""
     params = method_params(method, **values)

@@ -12,6 +12,7 @@ from softkd.report import plots
 from softkd.report.compare import HEADERS as COMPARISON_HEADERS
 from softkd.report.compare import comparison_cells
 from softkd.report.curves import epoch_records
+from softkd.report.search import SEARCH_HEADERS, search_tables
 from softkd.report.summary import HEADERS, cascade_note, headlines_of, in_words, table_rows
 
 STYLE = """
@@ -65,6 +66,9 @@ def _run_section(run_dir: Path, report: dict, *, heading: bool) -> str:
                            f"{_e(line.removeprefix('student: '))}</p>")
             out.append(f"<p class='words'>{_e(in_words(student, regime, r))}</p>")
     out.append(_table(HEADERS, table_rows(report)))
+    for sentence, rows in search_tables(report):
+        out.append(f"<p class='words'>{_e(sentence)}</p>")
+        out.append(_table(SEARCH_HEADERS, rows))
     if report.get("speed"):
         out.append(_speed_table(report["speed"]))
     if report.get("cascade"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from softkd.evaluate.speed import headline
+from softkd.report.search import search_lines, search_summary
 from softkd.train.distributed import Distributed
 from softkd.train.runtime import describe_device, select_device
 from softkd.utils import atomic_write_text
@@ -147,6 +148,9 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
             entry["ece"] = entry["distilled"]["ece"]
             entry["params"] = first["params"]
             entry["verdict"] = verdict(entry["scratch"]["accuracy"], entry["distilled"]["accuracy"])
+            search = search_summary(by_kind["distilled"])
+            if search is not None:
+                entry["search"] = search
             timed = speed["models"] if speed else {}
             if teacher_eval is not None and "teacher" in timed and model in timed:  # timings vary: kept in speed
                 headlines.setdefault(name or model, {})[f"{fraction:.0%} labels"] = headline(
@@ -236,6 +240,7 @@ def markdown_section(report: dict) -> str:
         "",
         *[line for w in words for line in (w, "")],
         *(headlines + [""] if headlines else []),
+        *search_lines(report),
         *(_cascade_lines(report["cascade"]) if report.get("cascade") else []),
         _hardware_line(report),
         "",
