@@ -1,0 +1,215 @@
+"""The payoff benchmark: does distillation beat the same student trained alone? Students × label
+regimes × methods × seeds, each distilled student beside its equal-budget scratch twin.
+
+    python benchmarks/quality.py plan  [--matrix benchmarks/quality.yaml] [--results benchmarks/results/quality.json]
+    python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...]
+    python benchmarks/quality.py table [--matrix ...] [--results ...]
+
+The matrix (benchmarks/quality.yaml) names the teachers, students, regimes, methods and seeds. A
+cell is one (student, regime, method, seed); `run` runs each missing cell as `softkd run` of a
+config it writes (the matrix's base, the student's teacher checkpoint, the regime, the method, one
+seed) into one folder per student and regime, so the scratch twin, the soft-label cache and the
+teacher's test pass are shared by the methods; it adds the cell to the results JSON as soon as it
+finishes (the scratch twin as a cell of method "scratch"), so a long CPU run can stop anywhere and
+continue later. A teacher whose weights are missing is trained first (`softkd teacher`, resumable).
+`--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
+`table` renders README's table from the JSON: mean ± std over the seeds done, the change against
+the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
+the training time per student. Selection (auto, recipes) only ever reads the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MATRIX = ROOT / "benchmarks" / "quality.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
+
+
+def cells(matrix: dict) -> list[dict]:
+    """Every cell of the matrix, seed-major (so a partial run has whole seeds), each with its name."""
+    found = []
+    for seed in matrix["seeds"]:
+        for student, spec in matrix["students"].items():
+            for regime in matrix["regimes"]:
+                methods = dict(matrix["methods"])
+                if spec.get("recipe"):
+                    methods["recipe"] = spec["recipe"]
+                for method, settings in methods.items():
+                    found.append({"name": f"{student}/{regime}/{method}/{seed}", "student": student,
+                                  "regime": regime, "method": method, "seed": seed, "settings": settings})
+    return found
+
+
+def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
+    """The `softkd run` config of one cell (the matrix's paths relative to ``root``, the repository;
+    the teacher's soft-label cache in ``out``)."""
+    spec = matrix["students"][cell["student"]]
+    teacher = matrix["teachers"][spec["teacher"]]
+    config = json.loads(json.dumps(matrix["base"]))  # a deep copy
+    config.setdefault("data", {})["labeled_fraction"] = matrix["regimes"][cell["regime"]]
+    config["teacher"] = {"model": teacher["model"], "checkpoint": str(root / teacher["folder"] / "teacher.safetensors")}
+    config["student"] = {"model": cell["student"]}
+    for section, values in cell["settings"].items():
+        config[section] = {**config.get(section, {}), **values} if section != "method" else dict(values)
+    config.setdefault("train", {})["seeds"] = [cell["seed"]]
+    config["cache"] = {**config.get("cache", {}), "dir": str(out / f"cache-{spec['teacher']}")}
+    return config
+
+
+def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
+    matrix = yaml.safe_load(matrix_path.read_text())
+    done = {c["name"] for c in _load(results)["cells"]}
+    todo = [c for c in cells(matrix) if c["name"] not in done and all(text in c["name"] for text in only)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    for cell in todo:
+        _teacher(matrix, matrix["students"][cell["student"]]["teacher"], env)
+        folder = out / f"{cell['student']}-{cell['regime'].replace('%', 'pct')}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = out / "configs" / (cell["name"].replace("/", "_").replace("%", "pct") + ".yaml")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(run_config(matrix, cell, ROOT, out), sort_keys=False))
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", str(config), "--out", str(folder)],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            print(f"{cell['name']}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        _save(results, cell_results(cell, folder, wall), matrix_path)
+        print(f"{cell['name']}: {wall / 60:.1f} min", flush=True)
+
+
+def _teacher(matrix: dict, name: str, env: dict) -> None:
+    teacher = matrix["teachers"][name]
+    if (ROOT / teacher["folder"] / "teacher.safetensors").is_file():
+        return
+    print(f"training teacher {name} ({teacher['config']} -> {teacher['folder']})", flush=True)
+    subprocess.run([sys.executable, "-m", "softkd.cli", "teacher", teacher["config"], "--out", teacher["folder"],
+                    "--resume"], cwd=ROOT, env=env, check=True)
+
+
+def cell_results(cell: dict, folder: Path, wall_s: float) -> list[dict]:
+    """The cell's distilled student and its scratch twin (a cell of method "scratch"), read from
+    the run's report and student stamps."""
+    report = json.loads((folder / "report.json").read_text())
+    entry = next(iter(report["students"].values()))
+    regime = next(iter(entry["regimes"].values()))
+    fraction, seed = regime["labeled_fraction"], cell["seed"]
+    common = {"student": cell["student"], "regime": cell["regime"], "seed": seed,
+              "teacher": report["teacher"]["model"], "teacher_accuracy": report["teacher"]["accuracy"],
+              "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
+              "device": report["hardware"]["device"]}
+    found = []
+    for kind, method in (("scratch", "scratch"), ("distilled", cell["method"])):
+        stamp = json.loads((folder / "students" / f"{kind}-labels{fraction:g}-seed{seed}.json").read_text())["result"]
+        found.append({"name": f"{cell['student']}/{cell['regime']}/{method}/{seed}", "method": method, **common,
+                      "settings": report["method"] if kind == "distilled" else None,
+                      "accuracy": stamp["accuracy"], "val_accuracy": stamp.get("val_accuracy"),
+                      "train_s": stamp.get("train_s"),
+                      **({"chosen": stamp["chosen"], "search": stamp["search"]} if "search" in stamp else {}),
+                      **({"wall_s": round(wall_s, 1)} if kind == "distilled" else {})})
+    return found
+
+
+def _load(results: Path) -> dict:
+    return json.loads(results.read_text()) if results.exists() else {"cells": []}
+
+
+def _save(results: Path, new: list[dict], matrix_path: Path) -> None:
+    """Add (or replace) cells under a lock: two `run`s, one per core, may share the file."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = _load(results)
+        names = {c["name"] for c in new}
+        kept["cells"] = sorted([c for c in kept["cells"] if c["name"] not in names] + new, key=lambda c: c["name"])
+        kept["matrix"] = str(matrix_path.relative_to(ROOT)) if matrix_path.is_relative_to(ROOT) else str(matrix_path)
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kept, indent=2) + "\n")
+        tmp.replace(results)
+
+
+def plan(matrix_path: Path, results: Path) -> str:
+    matrix = yaml.safe_load(matrix_path.read_text())
+    done = {c["name"] for c in _load(results)["cells"]}
+    every = cells(matrix)
+    lines = [f"{'done' if c['name'] in done else 'todo'}  {c['name']}" for c in every]
+    return "\n".join(lines + [f"{sum(c['name'] in done for c in every)} of {len(every)} cells done"])
+
+
+def table(matrix_path: Path, results: Path) -> str:
+    """README's results table: one row per student, regime and method, over the seeds done."""
+    from softkd.report.summary import stats, verdict  # imports torch: only here
+
+    matrix = yaml.safe_load(matrix_path.read_text())
+    by_name = {c["name"]: c for c in _load(results)["cells"]}
+    lines = ["| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
+             "| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for student, spec in matrix["students"].items():
+        for regime in matrix["regimes"]:
+            methods = [*matrix["methods"], *(["recipe"] if spec.get("recipe") else [])]
+            for method in methods:
+                pairs = [(by_name.get(f"{student}/{regime}/scratch/{s}"), by_name.get(f"{student}/{regime}/{method}/{s}"))
+                         for s in matrix["seeds"]]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
+                if not pairs:
+                    lines.append(f"| {label} | {regime} | {method} | | | | | | not run yet | 0 | |")
+                    continue
+                scratch = stats([a["accuracy"] for a, _ in pairs])
+                distilled = stats([b["accuracy"] for _, b in pairs])
+                teacher = pairs[0][1]["teacher_accuracy"]
+                change = distilled["mean"] - scratch["mean"]
+                gap = change / (teacher - scratch["mean"]) if teacher > scratch["mean"] else None
+                minutes = [b["train_s"] / 60 for _, b in pairs if b.get("train_s") is not None]
+                if method == "auto":  # every candidate run is the search's cost
+                    minutes = [(b["search"]["train_s"]) / 60 for _, b in pairs if "search" in b]
+                lines.append(
+                    f"| {label} | {regime} | {method} | {100 * teacher:.1f} | {_ms(scratch)} | {_ms(distilled)} "
+                    f"| {100 * change:+.1f} | {'n/a' if gap is None else f'{100 * gap:.0f} %'} "
+                    f"| {verdict(scratch, distilled).split(':')[0]} | {len(pairs)} "
+                    f"| {_mean(minutes):.1f}{' (all candidates)' if method == 'auto' else ''} |")
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _ms(s: dict) -> str:
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb in ("plan", "run", "table"):
+        p = sub.add_parser(verb)
+        p.add_argument("--matrix", type=Path, default=MATRIX)
+        p.add_argument("--results", type=Path, default=RESULTS)
+        if verb == "run":
+            p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+            p.add_argument("--only", action="append", default=[], metavar="TEXT")
+    args = parser.parse_args()
+    if args.verb == "run":
+        run(args.matrix.resolve(), args.results, args.out.resolve(), args.only)
+    elif args.verb == "plan":
+        print(plan(args.matrix, args.results))
+    else:
+        print(table(args.matrix, args.results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""benchmarks/quality.py on a tiny digits matrix: the teacher trained when missing, cells written
+one by one and never run twice, a partial run continued later, the table from the JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+def _quality(*args):
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                            timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_path):
+    (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 2, batch_size: 128}\n")
+    matrix = {
+        "seeds": [0, 1], "regimes": {"all": 1.0, "10%": 0.1},
+        "base": {"data": {"name": "digits"}, "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+                 "output": {"latency": False}},
+        "teachers": {"small": {"model": "tinycnn-8", "folder": str(tmp_path / "teacher"),
+                               "config": str(tmp_path / "teacher.yaml")}},
+        "students": {"mlp-16": {"teacher": "small",
+                                "recipe": {"method": {"name": "soft-target", "temperature": 2.0, "beta": 0.5}}}},
+        "methods": {"soft-target": {"method": {"name": "soft-target"}},
+                    "auto": {"method": {"name": "auto", "grid": {"temperature": [2, 4]}}}},
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    paths = ["--matrix", tmp_path / "m.yaml", "--results", tmp_path / "q.json"]
+    assert _quality("plan", *paths).splitlines()[-1] == "0 of 12 cells done"
+
+    first = _quality("run", *paths, "--out", tmp_path / "runs", "--only", "/10%/", "--only", "/0")
+    assert (tmp_path / "teacher" / "teacher.safetensors").is_file()  # trained first: it was missing
+    assert [line.split(":")[0] for line in first.splitlines() if line.startswith("mlp-16")] == [
+        "mlp-16/10%/soft-target/0", "mlp-16/10%/auto/0", "mlp-16/10%/recipe/0"]
+    saved = json.loads((tmp_path / "q.json").read_text())["cells"]
+    assert sorted(c["name"] for c in saved) == ["mlp-16/10%/auto/0", "mlp-16/10%/recipe/0", "mlp-16/10%/scratch/0",
+                                                "mlp-16/10%/soft-target/0"]
+    by_name = {c["name"]: c for c in saved}
+    assert by_name["mlp-16/10%/recipe/0"]["settings"]["temperature"] == 2.0
+    assert by_name["mlp-16/10%/auto/0"]["chosen"] in {"scratch", "soft-target-temperature2", "soft-target-temperature4"}
+    assert 0.1 < by_name["mlp-16/10%/scratch/0"]["accuracy"] <= 1 and by_name["mlp-16/10%/scratch/0"]["train_s"] > 0
+
+    again = _quality("run", *paths, "--out", tmp_path / "runs", "--only", "/10%/", "--only", "/0")
+    assert again == ""  # every selected cell is done: nothing runs twice
+    _quality("run", *paths, "--out", tmp_path / "runs", "--only", "/10%/soft-target/")  # seed 1, later
+    assert _quality("plan", *paths).splitlines()[-1] == "4 of 12 cells done"
+
+    rows = {line.split(" | ")[2] + " " + line.split(" | ")[1]: line
+            for line in _quality("table", *paths).splitlines() if line.startswith("| mlp-16")}
+    assert len(rows) == 6  # 2 regimes x (soft-target, auto, recipe)
+    assert all("not run yet" in r for key, r in rows.items() if key.endswith(" all"))
+    assert "| 2 |" in rows["soft-target 10%"] and "| 1 |" in rows["auto 10%"] and "| 1 |" in rows["recipe 10%"]
+    cells = {c["name"]: c for c in json.loads((tmp_path / "q.json").read_text())["cells"]}
+    scratch = [cells[f"mlp-16/10%/scratch/{s}"]["accuracy"] for s in (0, 1)]
+    distilled = [cells[f"mlp-16/10%/soft-target/{s}"]["accuracy"] for s in (0, 1)]
+    change = 100 * (sum(distilled) - sum(scratch)) / 2
+    assert f"| {100 * sum(scratch) / 2:.1f} ± " in rows["soft-target 10%"]
+    assert f"| {change:+.1f} |" in rows["soft-target 10%"]
+    assert "(all candidates)" in rows["auto 10%"]
