@@ -86,3 +86,16 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     assert len(readme) <= 200
     commands = [line for line in readme[:20] if line.startswith("pip install")]
     assert commands[0].endswith("softkd demo") and commands[1].endswith("python -m pytest")
+
+
+def test_every_guarantee_names_a_test_that_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`tests/" in line]
+    assert len(rows) >= 12
+    for row in rows:
+        for ref in re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", row):
+            path, name = ROOT / ref[0], ref[1]
+            assert path.is_file(), ref
+            if name:
+                assert re.search(rf"^def {name}\(", path.read_text(), re.MULTILINE), ref

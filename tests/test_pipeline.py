@@ -127,3 +127,39 @@ def test_deterministic_algorithms_on_request_and_restored_after(tmp_path, monkey
     assert len(seen) == 3 and not any(s[0] for s in seen)
     with deterministic_algorithms():
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] and torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_scratch_twin_starts_from_the_distilled_students_weights_with_the_same_data_and_budget(tmp_path,
+                                                                                                   monkeypatch):
+    import softkd.stages as stages
+    from softkd.config import config_from_dict
+
+    seen = {}
+
+    def spy(kind, real):
+        def call(model, *args, **kwargs):
+            data = args[1] if kind == "distilled" else args[0]  # distill(student, teachers, data, ...)
+            budget = {k: v for k, v in kwargs.items() if k not in ("objective", "method", "teacher_logits",
+                                                                   "teacher_features", "log", "checkpoint_dir",
+                                                                   "run_key", "augment", "views", "val_data")}
+            seen.setdefault(kind, []).append(({k: v.clone() for k, v in model.state_dict().items()},
+                                              data.ids.clone(), data.y.clone(), budget))
+            result = real(model, *args, **kwargs)
+            seen[kind][-1] += (result.steps,)
+            return result
+        return call
+
+    monkeypatch.setattr(stages, "fit", spy("scratch", stages.fit))
+    monkeypatch.setattr(stages, "distill", spy("distilled", stages.distill))
+    config = config_from_dict({"teacher": {"model": "mlp-32", "epochs": 2}, "student": {"model": "mlp-16"},
+                               "data": {"labeled_fraction": 0.1}, "output": {"latency": False},
+                               "train": {"epochs": 2, "seeds": [0, 1], "threads": 1}})
+    run_experiment(config, out_dir=tmp_path)
+    assert len(seen["scratch"]) == len(seen["distilled"]) == 2
+    for (w_s, ids_s, y_s, budget_s, steps_s), (w_d, ids_d, y_d, budget_d, steps_d) in zip(seen["scratch"],
+                                                                                         seen["distilled"]):
+        assert w_s.keys() == w_d.keys() and all(torch.equal(w_s[k], w_d[k]) for k in w_s)  # the same init
+        assert torch.equal(ids_s, ids_d) and torch.equal(y_s, y_d)  # the same samples and labels
+        assert budget_s == budget_d and steps_s == steps_d > 0  # the same optimizer, schedule, epochs, steps
+    first, second = (w for w, *_ in seen["scratch"])
+    assert not all(torch.equal(first[k], second[k]) for k in first)  # each seed its own init
