@@ -254,7 +254,7 @@ def test_teacher_verb_trains_and_saves_only_the_teacher(tmp_path):
     result = _invoke("teacher", config, "--out", tmp_path / "t")
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.yaml", "metrics.jsonl", "teacher.json",
-                                                           "teacher.safetensors", "students"}
+                                                           "teacher.safetensors"}  # no students/
     summary = json.loads((tmp_path / "t" / "teacher.json").read_text())["result"]
     assert summary["model"] == "mlp-32" and 0.5 < summary["test"]["accuracy"] <= 1
     weights = (tmp_path / "t" / "teacher.safetensors").read_bytes()

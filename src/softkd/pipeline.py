@@ -116,7 +116,7 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
     check_out_dir(out_dir)
     with _runtime(config):
         splits, teachers = _prepare(config, load=False)
-        out = _open_run_dir(config, out_dir, resume=resume)
+        out = _open_run_dir(config, out_dir, resume=resume, students=False)
         with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
             _teacher_stage(config, teachers, splits, out, logger, resume)
         _save_config(config, out)
@@ -211,15 +211,16 @@ def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) ->
     return next((s for s in dist.gather_object(mine) if s is not None), None)
 
 
-def _open_run_dir(config: RunConfig, out_dir: str | Path, *, resume: bool = False) -> Path:
-    """The run directory with ``students/`` and the config. A resumed run keeps the config it has
-    until it finishes (:func:`_save_config`): a resume refused for changed settings changes nothing."""
+def _open_run_dir(config: RunConfig, out_dir: str | Path, *, resume: bool = False, students: bool = True) -> Path:
+    """The run directory with the config (and ``students/``, unless only a teacher is trained). A
+    resumed run keeps the config it has until it finishes (:func:`_save_config`): a resume refused
+    for changed settings changes nothing."""
     out = Path(out_dir)
     dist = Distributed()
 
     def create() -> None:
         try:
-            (out / "students").mkdir(parents=True, exist_ok=True)
+            (out / "students" if students else out).mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a race with another process, a full or read-only disk
             raise ConfigError(f"Cannot create the output folder '{out}': {exc.strerror}; give --out (or "
                               "output.dir) another folder.") from None
