@@ -575,3 +575,13 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_good_checkpoint_survives(t
     kept = sorted(p.name for p in ckpt.iterdir())
     assert kept == ["ckpt-00000005.pt"]  # the good one, and no temporary file left beside it
     assert torch.load(ckpt / kept[0], weights_only=True)["step"] == 5
+
+
+def test_usage_lines_name_every_argument_in_capitals():
+    import re
+
+    for command in (("run",), ("teacher",), ("cache", "build"), ("cache", "info"), ("cache", "verify"), ("report",),
+                    ("export",), ("evaluate",), ("cascade",), ("validate",), ("ls",), ("data", "fetch")):
+        usage = next(line for line in _invoke(*command, "--help").output.splitlines() if "Usage:" in line)
+        arguments = usage.split("[OPTIONS]", 1)[1].split()
+        assert arguments and all(re.fullmatch(r"[{\[][A-Z_]+[}\]](\.\.\.)?", a) for a in arguments), usage

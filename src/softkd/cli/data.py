@@ -17,7 +17,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("fetch")
 @_user_errors
 def data_fetch(
-    name: str = typer.Argument(..., help="fashion-mnist or mnist"),
+    name: str = typer.Argument(..., metavar="NAME", help="fashion-mnist or mnist"),
     dest: Optional[Path] = typer.Option(None, help="Folder for the files; default ~/.cache/softkd/<name>."),
     base_url: Optional[str] = typer.Option(None, help="A mirror folder URL holding the same files."),
 ):
@@ -47,7 +47,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("build")
 @_user_errors
 def cache_build(
-    config: Path = typer.Argument(..., help="YAML run config (its data, teacher and cache sections)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config (its data, teacher and cache sections)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=set_help("cache.dtype=fp32")),
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
 ):
@@ -69,7 +69,7 @@ def cache_build(
 
 @cache_app.command("verify")
 @_user_errors
-def cache_verify(folder: Path = typer.Argument(..., help="A cache folder (holding manifest.json).")):
+def cache_verify(folder: Path = typer.Argument(..., metavar="FOLDER", help="A cache folder (holding manifest.json).")):
     """Re-hash every shard against the manifest; a damaged shard is named (exit 2)."""
     from softkd.cache import SoftLabelCache
 
@@ -80,7 +80,7 @@ def cache_verify(folder: Path = typer.Argument(..., help="A cache folder (holdin
 
 @cache_app.command("info")
 @_user_errors
-def cache_info(folder: Path = typer.Argument(..., help="A cache folder (holding manifest.json).")):
+def cache_info(folder: Path = typer.Argument(..., metavar="FOLDER", help="A cache folder (holding manifest.json).")):
     """Show what a cache holds and what it was built from."""
     from softkd.cache import SoftLabelCache
 

@@ -14,7 +14,7 @@ from softkd.cli import FLAG, _user_errors, app, console
 @app.command()
 @_user_errors
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories (each holding report.json)."),
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run directories (each holding report.json)."),
     out: Optional[Path] = typer.Option(None, help="Where to write report.md and report.html; default the run "
                                        "directory for one, ./softkd-report for several."),
     figures: bool = typer.Option(False, "--figures", metavar=FLAG,
@@ -36,7 +36,7 @@ def report(
 @app.command()
 @_user_errors
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory (softkd run / softkd demo)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (softkd run / softkd demo)."),
     format_: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export) or safetensors (weights with "
                                 "their construction in the metadata)."),
     student: Optional[str] = typer.Option(None, "--student", help="A student's name (see --list) or a peer name "
@@ -105,7 +105,7 @@ def _list_students(students: list[dict]) -> None:
 @app.command()
 @_user_errors
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A run's students/<name>.safetensors or teacher.safetensors, an "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A run's students/<name>.safetensors or teacher.safetensors, an "
                                       "exported .onnx / .pt2 / .safetensors, or weights with --model."),
     data: str = typer.Option(..., "--data", help="A dataset name (softkd ls datasets) or a data path (.npz, .csv, "
                              "image folder); its test split is scored."),
@@ -158,7 +158,7 @@ def evaluate(
 @app.command()
 @_user_errors
 def cascade(
-    run_dir: Path = typer.Argument(..., help="A run directory with a teacher and a validation split."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory with a teacher and a validation split."),
     student: Optional[str] = typer.Option(None, "--student", help="The first stage, named as in `softkd export "
                                           "--student`; default: the distilled student with the best validation "
                                           "accuracy. Its scratch twin gets a curve too."),

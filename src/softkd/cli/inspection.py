@@ -14,7 +14,7 @@ from softkd.errors import ConfigError, DataError, SoftKDError, first_line
 @app.command()
 @_user_errors
 def validate(
-    path: Path = typer.Argument(..., help="A YAML run config, or soft labels (.npy, .npz or .pt; shape (N, C))."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A YAML run config, or soft labels (.npy, .npz or .pt; shape (N, C))."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Check a run config as `softkd run` checks it before writing anything (data, models,
@@ -78,8 +78,8 @@ def _load_array(path: Path):
 
 @app.command("ls")
 @_user_errors
-def ls(what: str = typer.Argument("models", help="models, datasets, methods or layers"),
-       model: Optional[str] = typer.Argument(None, help="for layers: a zoo name or 'package.module:factory'"),
+def ls(what: str = typer.Argument("models", metavar="WHAT", help="models, datasets, methods or layers"),
+       model: Optional[str] = typer.Argument(None, metavar="MODEL", help="for layers: a zoo name or 'package.module:factory'"),
        input_shape: str = typer.Option("1,28,28", "--input-shape", help="for layers: one sample's shape"),
        classes: int = typer.Option(10, "--classes", help="for layers: the number of classes")):
     """List the registered models (with parameter counts for 1×28×28 inputs and 10 classes),

@@ -33,7 +33,7 @@ def demo(
 @app.command()
 @_user_errors
 def run(
-    config: Path = typer.Argument(..., help="YAML run config (see configs/)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config (see configs/)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG,
@@ -53,7 +53,7 @@ def run(
 @app.command()
 @_user_errors
 def teacher(
-    config: Path = typer.Argument(..., help="YAML run config; its data and teacher sections are used."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config; its data and teacher sections are used."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=set_help("teacher.epochs=10")),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG,
