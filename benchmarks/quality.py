@@ -151,7 +151,7 @@ def plan(matrix_path: Path, results: Path) -> str:
 
 def table(matrix_path: Path, results: Path) -> str:
     """README's results table: one row per student, regime and method, over the seeds done."""
-    from softkd.report.summary import stats, verdict  # imports torch: only here
+    from softkd.report.summary import outcome, stats  # imports torch: only here
 
     matrix = yaml.safe_load(matrix_path.read_text())
     by_name = {c["name"]: c for c in _load(results)["cells"]}
@@ -179,9 +179,14 @@ def table(matrix_path: Path, results: Path) -> str:
                 lines.append(
                     f"| {label} | {regime} | {method} | {100 * teacher:.1f} | {_ms(scratch)} | {_ms(distilled)} "
                     f"| {100 * change:+.1f} | {'n/a' if gap is None else f'{100 * gap:.0f} %'} "
-                    f"| {verdict(scratch, distilled).split(':')[0]} | {len(pairs)} "
+                    f"| {_verdict(outcome(scratch, distilled)[0])} | {len(pairs)} "
                     f"| {_mean(minutes):.1f}{' (all candidates)' if method == 'auto' else ''} |")
     return "\n".join(lines)
+
+
+def _verdict(kind: str) -> str:
+    return "one seed: no error estimate" if kind == "one seed" else (
+        kind if kind == "no clear difference" else f"distillation {kind}")
 
 
 def _mean(values: list[float]) -> float:
