@@ -118,6 +118,21 @@ def test_pick_point_for_an_accuracy_or_a_deferral_budget():
         pick_point(curve, target_accuracy=93)
 
 
+def test_an_isolated_spike_of_the_curve_is_not_chosen():
+    # 9 of 10 at 1 deferral is a spike: the curve drops to 8 at 3 deferrals and reaches 9 again to stay
+    curve = {"n": 10, "deferred": [0, 1, 3, 5, 7, 10], "correct": [7, 9, 8, 9, 10, 9],
+             "threshold": [0, .3, .5, .6, .8, 1], "fraction": [0, .1, .3, .5, .7, 1],
+             "accuracy": [.7, .9, .8, .9, 1., .9]}
+    assert pick_point(curve, target_accuracy=0.9) == 3  # 9, 10 from there up to the best: all reach it
+    assert pick_point(curve, target_accuracy=0.8) == 1  # 9, 8, 9, 10: every point from 1 on reaches 8
+    assert pick_point(curve, target_accuracy=1.0) == 4
+    # the rule, written out: the first k whose every point up to the best reaches the target
+    for target in (0.7, 0.8, 0.9, 1.0):
+        best = curve["correct"].index(max(curve["correct"]))
+        want = min(k for k in range(best + 1) if all(c >= target * 10 for c in curve["correct"][k:best + 1]))
+        assert pick_point(curve, target_accuracy=target) == want
+
+
 def test_bad_cascade_parameters_are_one_line_errors():
     student, teacher, _ = _pair()
     with pytest.raises(ConfigError, match=r"'threshold' of a cascade must be in \[0, 1\].*got 1.5"):
@@ -153,7 +168,7 @@ def test_softkd_cascade_reports_both_students_against_the_teacher(run, calibrate
     assert result["target"]["default"] == "the teacher's validation accuracy"
     assert result["sentence"] in " ".join(output.split()) and result["sentence"].startswith("cascade: ")
     for role, s in result["students"].items():
-        # the validation point reaches the target with the fewest deferrals the curve allows
+        # the validation point reaches the target (and so does every point from it to the curve's best)
         assert s["val"]["accuracy"] >= result["target"]["accuracy"] - 1e-12
         assert 0 <= s["test"]["fraction"] <= 1 and s["test"]["ms_per_sample"] > 0
         assert s["curve"]["accuracy"][s["curve"]["chosen"]] == s["val"]["accuracy"]
@@ -208,13 +223,26 @@ def test_a_deferral_budget_is_kept_on_validation(run):
     assert result["comparison"].startswith("Deferring at most 5 % on validation")
 
 
+def test_within_loosens_the_teachers_accuracy_as_the_target(run, calibrated):
+    _, exact = calibrated
+    result = calibrate_run(run, within=2.5, budget_s=0.1)
+    assert result["target"]["accuracy"] == pytest.approx(result["teacher"]["val_accuracy"] - 0.025, abs=1e-12)
+    assert result["target"]["default"] == "the teacher's validation accuracy less 2.5 points"
+    for role, s in result["students"].items():
+        assert s["val"]["accuracy"] >= result["teacher"]["val_accuracy"] - 0.025 - 1e-12
+        assert s["val"]["fraction"] <= exact["students"][role]["val"]["fraction"]  # an easier target defers no more
+    assert "less 2.5 points" in (run / "report.md").read_text()
+
+
 def test_cascade_usage_errors_exit_2_with_one_line(run, tmp_path):
     runner = CliRunner()
     for args, message in (
             (["--target-accuracy", "93"], "--target-accuracy must be in (0, 1] (a fraction: 0.93 for 93%)"),
             (["--target-accuracy", "0.9", "--max-teacher-fraction", "0.1"], "not both"),
             (["--confidence", "entropy"], "must be one of max-prob, margin"),
-            (["--threads", "0"], "--threads must be >= 1")):
+            (["--threads", "0"], "--threads must be >= 1"),
+            (["--within", "0.1", "--max-teacher-fraction", "0.1"], "give it alone"),
+            (["--within", "-1"], "--within must be a number of accuracy points in [0, 100)")):
         result = runner.invoke(app, ["cascade", str(run), *args])
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()), result.output

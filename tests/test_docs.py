@@ -3,6 +3,7 @@ runs, every bundled config the docs name exists and loads (with its teacher chec
 README's results table is the one the benchmark JSON renders."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -99,3 +100,14 @@ def test_every_guarantee_names_a_test_that_exists():
             assert path.is_file(), ref
             if name:
                 assert re.search(rf"^def {name}\(", path.read_text(), re.MULTILINE), ref
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/cascade.md"])
+def test_the_cascade_table_is_the_one_the_benchmark_json_renders(page):
+    spec = importlib.util.spec_from_file_location("cascade_benchmark", ROOT / "benchmarks" / "cascade.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = json.loads((ROOT / "benchmarks" / "results" / "cascade.json").read_text())
+    text = (ROOT / page).read_text()
+    table = text.split("<!-- cascade:start -->\n")[1].split("\n<!-- cascade:end -->")[0]
+    assert table == benchmark.table(results)

@@ -28,12 +28,12 @@ CURVE_POINTS = 200
 
 
 def calibrate_run(run_dir: str | Path, *, student: str | None = None, target_accuracy: float | None = None,
-                  max_teacher_fraction: float | None = None, confidence: str = "max-prob",
+                  max_teacher_fraction: float | None = None, within: float = 0.0, confidence: str = "max-prob",
                   threads: int | None = None, budget_s: float = 20.0) -> dict:
     """Choose a cascade's threshold for a run's student (named as in :func:`softkd.load_student`;
     default the distilled student with the best validation accuracy) on the validation split, for
-    ``target_accuracy`` (the fewest deferrals reaching it; default: the teacher's own validation
-    accuracy) or ``max_teacher_fraction`` (the best accuracy deferring at most that share). The
+    ``target_accuracy`` (the fewest deferrals from which the validation curve stays at or above it up
+    to its best point; default: the teacher's own validation accuracy, less ``within`` points) or ``max_teacher_fraction`` (the best accuracy deferring at most that share). The
     same target is applied to the student's scratch twin. Then, on the test split: accuracy and
     fraction deferred, and the latency per sample at batch 256 of student, teacher and cascade,
     measured taking turns on the same test batches (``threads``: torch threads, default the
@@ -44,18 +44,24 @@ def calibrate_run(run_dir: str | Path, *, student: str | None = None, target_acc
     run = Path(run_dir)
     if target_accuracy is not None and max_teacher_fraction is not None:
         raise ConfigError("Give --target-accuracy or --max-teacher-fraction, not both.")
+    if within and (target_accuracy is not None or max_teacher_fraction is not None):
+        raise ConfigError("--within sets the target from the teacher's validation accuracy; give it alone, without "
+                          "--target-accuracy or --max-teacher-fraction.")
+    if isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 <= within < 100:
+        raise ConfigError(f"--within must be a number of accuracy points in [0, 100) (0.1 for a tenth of a point); "
+                          f"got {within!r}.")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1; got {threads}.")
         torch.set_num_threads(threads)
     try:
-        return _calibrate(run, student, target_accuracy, max_teacher_fraction, confidence, budget_s)
+        return _calibrate(run, student, target_accuracy, max_teacher_fraction, within, confidence, budget_s)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, confidence, budget_s) -> dict:
+def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, within, confidence, budget_s) -> dict:
     config = _run_config(run)
     model, info, splits = load_run_student(run, name)
     if splits.val is None or len(splits.val) == 0:
@@ -71,7 +77,8 @@ def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, confidenc
     teacher_val = _predict(teacher, val_x, BATCH)
     target = {"max_teacher_fraction": max_teacher_fraction} if max_teacher_fraction is not None else \
         {"accuracy": target_accuracy} if target_accuracy is not None else \
-        {"accuracy": _accuracy(teacher_val, val_y), "default": "the teacher's validation accuracy"}
+        {"accuracy": _accuracy(teacher_val, val_y) - within / 100, "within": within,
+         "default": "the teacher's validation accuracy" + (f" less {within:g} points" if within else "")}
     chosen = {}
     for role, (m, i) in students.items():
         curve = cascade_curve(_predict(m, val_x, BATCH), teacher_val, val_y, confidence_kind=confidence)

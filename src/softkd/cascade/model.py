@@ -106,8 +106,10 @@ def cascade_curve(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
 
 def pick_point(curve: dict, *, target_accuracy: float | None = None,
                max_teacher_fraction: float | None = None) -> int:
-    """The index of the curve's point for a target: the fewest deferrals reaching
-    ``target_accuracy``, or the best accuracy deferring at most ``max_teacher_fraction`` (ties: fewer
+    """The index of the curve's point for a target: for ``target_accuracy``, the fewest deferrals
+    from which every further point up to the curve's best still reaches it (so the threshold does not
+    sit on an isolated upward spike of a noisy curve, which the test split would not repeat); for
+    ``max_teacher_fraction``, the best accuracy deferring at most that share (ties: fewer
     deferrals). A target the curve never reaches is a :class:`ConfigError` naming its best."""
     if (target_accuracy is None) == (max_teacher_fraction is None):
         raise ConfigError("Give exactly one of target_accuracy and max_teacher_fraction.")
@@ -115,10 +117,12 @@ def pick_point(curve: dict, *, target_accuracy: float | None = None,
     if target_accuracy is not None:
         _check_fraction("target-accuracy", target_accuracy)
         need = math.ceil(target_accuracy * n - 1e-9)  # counts, not floats: 0.93 of 6000 is 5580
-        for i, c in enumerate(correct):
-            if c >= need:
-                return i
         best = max(range(len(correct)), key=lambda i: (correct[i], -deferred[i]))
+        if correct[best] >= need:
+            i = best
+            while i > 0 and correct[i - 1] >= need:
+                i -= 1
+            return i
         raise ConfigError(f"No threshold reaches {100 * target_accuracy:.2f}% on the validation split; the best is "
                           f"{100 * correct[best] / n:.2f}% with {100 * deferred[best] / n:.1f}% deferred. Lower "
                           "--target-accuracy or use --max-teacher-fraction.")

@@ -162,11 +162,14 @@ def cascade(
     student: Optional[str] = typer.Option(None, "--student", help="The first stage, named as in `softkd export "
                                           "--student`; default: the distilled student with the best validation "
                                           "accuracy. Its scratch twin gets a curve too."),
-    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Validation accuracy to reach "
-                                                    "with the fewest deferrals, as a fraction (0.93); default: the "
-                                                    "teacher's validation accuracy."),
+    target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", help="Validation accuracy to reach, "
+                                                    "as a fraction (0.93): the fewest deferrals from which the curve "
+                                                    "stays at or above it up to its best; default: the teacher's "
+                                                    "validation accuracy."),
     max_teacher_fraction: Optional[float] = typer.Option(None, "--max-teacher-fraction", help="Defer at most this "
                                                          "share of inputs (0.1), with the best validation accuracy."),
+    within: float = typer.Option(0.0, "--within", help="Aim at the teacher's validation accuracy less this many "
+                                 "points (0.1): the default target, loosened."),
     confidence: str = typer.Option("max-prob", "--confidence", help="max-prob (largest softmax probability) or "
                                    "margin (top minus runner-up)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads while timing; default torch's."),
@@ -187,7 +190,7 @@ def cascade(
     from softkd.cascade import calibrate_run, export_cascade
 
     result = calibrate_run(run_dir, student=student, target_accuracy=target_accuracy,
-                           max_teacher_fraction=max_teacher_fraction, confidence=confidence, threads=threads,
+                           max_teacher_fraction=max_teacher_fraction, within=within, confidence=confidence, threads=threads,
                            budget_s=budget)
     latency = result["latency"]
     table = Table(box=None, padding=(0, 1))
