@@ -3,7 +3,7 @@ regimes × methods × seeds, each distilled student beside its equal-budget scra
 
     python benchmarks/quality.py plan  [--matrix benchmarks/quality.yaml] [--results benchmarks/results/quality.json]
     python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...]
-    python benchmarks/quality.py table [--matrix ...] [--results ...]
+    python benchmarks/quality.py table [--matrix ...] [--results ...] [--split test|val]
 
 The matrix (benchmarks/quality.yaml) names the teachers, students, regimes, methods and seeds. A
 cell is one (student, regime, method, seed); `run` runs each missing cell as `softkd run` of a
@@ -13,6 +13,10 @@ teacher's test pass are shared by the methods; it adds the cell to the results J
 finishes (the scratch twin as a cell of method "scratch"), so a long CPU run can stop anywhere and
 continue later. A teacher whose weights are missing is trained first (`softkd teacher`, resumable).
 `--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
+A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
+`train` and `cache`, such as more epochs or cached augmented views); its cells then train in their
+own folder (`<student>-<regime>-<budget>`) beside their own scratch twin (method `scratch@<budget>`)
+with the same budget, so a recipe is never compared with a scratch student trained less.
 `table` renders README's table from the JSON: mean ± std over the seeds done, the change against
 the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
 the training time per student. Selection (auto, recipes) only ever reads the validation split.
@@ -37,13 +41,25 @@ MATRIX = ROOT / "benchmarks" / "quality.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 
 
+def load_matrix(path: Path) -> dict:
+    """The matrix, each method's budget and each student's methods checked."""
+    matrix = yaml.safe_load(path.read_text())
+    for settings in matrix["methods"].values():
+        budget_of(matrix, settings)
+    for spec in matrix["students"].values():
+        student_methods(matrix, spec)
+        if spec.get("recipe"):
+            budget_of(matrix, spec["recipe"])
+    return matrix
+
+
 def cells(matrix: dict) -> list[dict]:
     """Every cell of the matrix, seed-major (so a partial run has whole seeds), each with its name."""
     found = []
     for seed in matrix["seeds"]:
         for student, spec in matrix["students"].items():
             for regime in matrix["regimes"]:
-                methods = dict(matrix["methods"])
+                methods = student_methods(matrix, spec)
                 if spec.get("recipe"):
                     methods["recipe"] = spec["recipe"]
                 for method, settings in methods.items():
@@ -52,30 +68,67 @@ def cells(matrix: dict) -> list[dict]:
     return found
 
 
+def budget_of(matrix: dict, settings: dict) -> str | None:
+    """The name of the budget a method's settings train under (None: the matrix's base). A method
+    sets nothing but ``method`` and ``budget``: whatever the scratch twin must share goes in a budget."""
+    extra = set(settings) - {"method", "budget"}
+    if extra:
+        raise SystemExit(f"A method of the matrix sets {sorted(extra)}: put data, train and cache settings in a "
+                         "named entry of 'budgets' and give the method 'budget: NAME', so its scratch twin shares them.")
+    name = settings.get("budget")
+    if name is not None and name not in matrix.get("budgets", {}):
+        raise SystemExit(f"Unknown budget {name!r}; the matrix's budgets are {sorted(matrix.get('budgets', {}))}.")
+    return name
+
+
+def scratch_method(budget: str | None) -> str:
+    """The method name of the scratch twins trained under a budget."""
+    return "scratch" if budget is None else f"scratch@{budget}"
+
+
+def student_methods(matrix: dict, spec: dict) -> dict:
+    """The matrix's methods a student runs: all, or those its ``methods`` list names."""
+    names = spec.get("methods", list(matrix["methods"]))
+    unknown = [n for n in names if n not in matrix["methods"]]
+    if unknown:
+        raise SystemExit(f"Unknown methods {unknown} for a student; the matrix's methods are {sorted(matrix['methods'])}.")
+    return {n: matrix["methods"][n] for n in names}
+
+
 def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
     """The `softkd run` config of one cell (the matrix's paths relative to ``root``, the repository;
-    the teacher's soft-label cache in ``out``)."""
+    the teacher's soft-label cache in ``out``, one per teacher and augmentation)."""
     spec = matrix["students"][cell["student"]]
     teacher = matrix["teachers"][spec["teacher"]]
     config = json.loads(json.dumps(matrix["base"]))  # a deep copy
+    budget = budget_of(matrix, cell["settings"])
+    for section, values in (matrix["budgets"][budget] if budget else {}).items():
+        config[section] = {**config.get(section, {}), **values}
     config.setdefault("data", {})["labeled_fraction"] = matrix["regimes"][cell["regime"]]
     config["teacher"] = {"model": teacher["model"], "checkpoint": str(root / teacher["folder"] / "teacher.safetensors")}
     config["student"] = {"model": cell["student"]}
-    for section, values in cell["settings"].items():
-        config[section] = {**config.get(section, {}), **values} if section != "method" else dict(values)
+    config["method"] = dict(cell["settings"]["method"])
     config.setdefault("train", {})["seeds"] = [cell["seed"]]
-    config["cache"] = {**config.get("cache", {}), "dir": str(out / f"cache-{spec['teacher']}")}
+    data, cache = config["data"], config.get("cache", {})
+    views = f"-{data['augment']}{data.get('shift', 2)}-x{cache.get('views', 1)}" if data.get("augment") else ""
+    config["cache"] = {**cache, "dir": str(out / f"cache-{spec['teacher']}{views}")}
     return config
 
 
+def folder_of(matrix: dict, cell: dict, out: Path) -> Path:
+    """The run folder a cell trains in: one per student, regime and budget."""
+    budget = budget_of(matrix, cell["settings"])
+    return out / (f"{cell['student']}-{cell['regime'].replace('%', 'pct')}" + (f"-{budget}" if budget else ""))
+
+
 def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
-    matrix = yaml.safe_load(matrix_path.read_text())
+    matrix = load_matrix(matrix_path)
     done = {c["name"] for c in _load(results)["cells"]}
     todo = [c for c in cells(matrix) if c["name"] not in done and all(text in c["name"] for text in only)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for cell in todo:
         _teacher(matrix, matrix["students"][cell["student"]]["teacher"], env)
-        folder = out / f"{cell['student']}-{cell['regime'].replace('%', 'pct')}"
+        folder = folder_of(matrix, cell, out)
         folder.mkdir(parents=True, exist_ok=True)
         config = out / "configs" / (cell["name"].replace("/", "_").replace("%", "pct") + ".yaml")
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +140,8 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
         if proc.returncode != 0:
             print(f"{cell['name']}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        _save(results, cell_results(cell, folder, wall), matrix_path)
+        _save(results, cell_results(cell, folder, wall, scratch_method(budget_of(matrix, cell["settings"]))),
+              matrix_path)
         print(f"{cell['name']}: {wall / 60:.1f} min", flush=True)
 
 
@@ -100,8 +154,8 @@ def _teacher(matrix: dict, name: str, env: dict) -> None:
                     "--resume"], cwd=ROOT, env=env, check=True)
 
 
-def cell_results(cell: dict, folder: Path, wall_s: float) -> list[dict]:
-    """The cell's distilled student and its scratch twin (a cell of method "scratch"), read from
+def cell_results(cell: dict, folder: Path, wall_s: float, scratch: str = "scratch") -> list[dict]:
+    """The cell's distilled student and its scratch twin (a cell of method ``scratch``), read from
     the run's report and student stamps."""
     report = json.loads((folder / "report.json").read_text())
     entry = next(iter(report["students"].values()))
@@ -112,10 +166,11 @@ def cell_results(cell: dict, folder: Path, wall_s: float) -> list[dict]:
               "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
               "device": report["hardware"]["device"]}
     found = []
-    for kind, method in (("scratch", "scratch"), ("distilled", cell["method"])):
+    for kind, method in (("scratch", scratch), ("distilled", cell["method"])):
         stamp = json.loads((folder / "students" / f"{kind}-labels{fraction:g}-seed{seed}.json").read_text())["result"]
         found.append({"name": f"{cell['student']}/{cell['regime']}/{method}/{seed}", "method": method, **common,
                       "settings": report["method"] if kind == "distilled" else None,
+                      **({"budget": cell["settings"]["budget"]} if cell["settings"].get("budget") else {}),
                       "accuracy": stamp["accuracy"], "val_accuracy": stamp.get("val_accuracy"),
                       "train_s": stamp.get("train_s"),
                       **({"chosen": stamp["chosen"], "search": stamp["search"]} if "search" in stamp else {}),
@@ -142,45 +197,50 @@ def _save(results: Path, new: list[dict], matrix_path: Path) -> None:
 
 
 def plan(matrix_path: Path, results: Path) -> str:
-    matrix = yaml.safe_load(matrix_path.read_text())
+    matrix = load_matrix(matrix_path)
     done = {c["name"] for c in _load(results)["cells"]}
     every = cells(matrix)
     lines = [f"{'done' if c['name'] in done else 'todo'}  {c['name']}" for c in every]
     return "\n".join(lines + [f"{sum(c['name'] in done for c in every)} of {len(every)} cells done"])
 
 
-def table(matrix_path: Path, results: Path) -> str:
-    """README's results table: one row per student, regime and method, over the seeds done."""
+def table(matrix_path: Path, results: Path, split: str = "test") -> str:
+    """README's results table: one row per student, regime and method, over the seeds done; each
+    method beside the scratch twins of its own budget. ``split="val"``: validation accuracy, the
+    figure recipes are chosen by (the test split's figures are then left out)."""
     from softkd.report.summary import outcome, stats  # imports torch: only here
 
-    matrix = yaml.safe_load(matrix_path.read_text())
+    matrix = load_matrix(matrix_path)
     by_name = {c["name"]: c for c in _load(results)["cells"]}
-    lines = ["| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
-             "| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    key, teacher_key = ("accuracy", "teacher_accuracy") if split == "test" else ("val_accuracy", None)
+    lines = [f"| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
+             f"| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:
-            methods = [*matrix["methods"], *(["recipe"] if spec.get("recipe") else [])]
-            for method in methods:
-                pairs = [(by_name.get(f"{student}/{regime}/scratch/{s}"), by_name.get(f"{student}/{regime}/{method}/{s}"))
-                         for s in matrix["seeds"]]
+            methods = {**student_methods(matrix, spec), **({"recipe": spec["recipe"]} if spec.get("recipe") else {})}
+            for method, settings in methods.items():
+                scratch_name = scratch_method(budget_of(matrix, settings))
+                pairs = [(by_name.get(f"{student}/{regime}/{scratch_name}/{s}"),
+                          by_name.get(f"{student}/{regime}/{method}/{s}")) for s in matrix["seeds"]]
                 pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
                 label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
                 if not pairs:
                     lines.append(f"| {label} | {regime} | {method} | | | | | | not run yet | 0 | |")
                     continue
-                scratch = stats([a["accuracy"] for a, _ in pairs])
-                distilled = stats([b["accuracy"] for _, b in pairs])
-                teacher = pairs[0][1]["teacher_accuracy"]
+                scratch = stats([a[key] for a, _ in pairs])
+                distilled = stats([b[key] for _, b in pairs])
+                teacher = pairs[0][1][teacher_key] if teacher_key else None  # no teacher score on validation
                 change = distilled["mean"] - scratch["mean"]
-                gap = change / (teacher - scratch["mean"]) if teacher > scratch["mean"] else None
+                gap = change / (teacher - scratch["mean"]) if teacher is not None and teacher > scratch["mean"] else None
                 minutes = [b["train_s"] / 60 for _, b in pairs if b.get("train_s") is not None]
-                if method == "auto":  # every candidate run is the search's cost
+                if method.startswith("auto"):  # every candidate run is the search's cost
                     minutes = [(b["search"]["train_s"]) / 60 for _, b in pairs if "search" in b]
                 lines.append(
-                    f"| {label} | {regime} | {method} | {100 * teacher:.1f} | {_ms(scratch)} | {_ms(distilled)} "
+                    f"| {label} | {regime} | {method} | {'' if teacher is None else f'{100 * teacher:.1f}'} "
+                    f"| {_ms(scratch)} | {_ms(distilled)} "
                     f"| {100 * change:+.1f} | {'n/a' if gap is None else f'{100 * gap:.0f} %'} "
                     f"| {_verdict(outcome(scratch, distilled)[0])} | {len(pairs)} "
-                    f"| {_mean(minutes):.1f}{' (all candidates)' if method == 'auto' else ''} |")
+                    f"| {_mean(minutes):.1f}{' (all candidates)' if method.startswith('auto') else ''} |")
     return "\n".join(lines)
 
 
@@ -204,6 +264,9 @@ def main() -> None:
         p = sub.add_parser(verb)
         p.add_argument("--matrix", type=Path, default=MATRIX)
         p.add_argument("--results", type=Path, default=RESULTS)
+        if verb == "table":
+            p.add_argument("--split", choices=("test", "val"), default="test",
+                           help="val: the validation accuracies recipes are chosen by")
         if verb == "run":
             p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
             p.add_argument("--only", action="append", default=[], metavar="TEXT")
@@ -213,7 +276,7 @@ def main() -> None:
     elif args.verb == "plan":
         print(plan(args.matrix, args.results))
     else:
-        print(table(args.matrix, args.results))
+        print(table(args.matrix, args.results, args.split))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,47 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     assert f"| {100 * sum(scratch) / 2:.1f} ± " in rows["soft-target 10%"]
     assert f"| {change:+.1f} |" in rows["soft-target 10%"]
     assert "(all candidates)" in rows["auto 10%"]
+
+
+def test_a_method_with_a_budget_is_compared_with_a_scratch_twin_of_that_budget(tmp_path):
+    (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 2, batch_size: 128}\n")
+    matrix = {
+        "seeds": [0], "regimes": {"all": 1.0},
+        "base": {"data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64, "threads": 1},
+                 "output": {"latency": False}},
+        "budgets": {"longer": {"train": {"epochs": 3, "lr_schedule": "cosine"}}},
+        "teachers": {"small": {"model": "tinycnn-8", "folder": str(tmp_path / "teacher"),
+                               "config": str(tmp_path / "teacher.yaml")}},
+        "students": {"mlp-16": {"teacher": "small", "methods": ["soft-target", "longer"]}},
+        "methods": {"soft-target": {"method": {"name": "soft-target"}},
+                    "longer": {"budget": "longer", "method": {"name": "soft-target", "temperature": 2.0}},
+                    "unused": {"method": {"name": "dkd"}}},
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    paths = ["--matrix", tmp_path / "m.yaml", "--results", tmp_path / "q.json"]
+    assert _quality("plan", *paths).splitlines()[-1] == "0 of 2 cells done"  # "unused" is not the student's
+    _quality("run", *paths, "--out", tmp_path / "runs")
+    cells = {c["name"]: c for c in json.loads((tmp_path / "q.json").read_text())["cells"]}
+    assert sorted(cells) == ["mlp-16/all/longer/0", "mlp-16/all/scratch/0", "mlp-16/all/scratch@longer/0",
+                             "mlp-16/all/soft-target/0"]
+    # the budget's cells trained in their own folder, both students with the budget's 3 epochs
+    for kind, name in (("scratch", "scratch@longer"), ("distilled", "longer")):
+        stamp = json.loads((tmp_path / "runs" / "mlp-16-all-longer" / "students" / f"{kind}-labels1-seed0.json")
+                           .read_text())
+        assert stamp["result"]["accuracy"] == cells[f"mlp-16/all/{name}/0"]["accuracy"]
+        epochs = [json.loads(line)["epoch"] for line in (tmp_path / "runs" / "mlp-16-all-longer" / "metrics.jsonl")
+                  .read_text().splitlines() if json.loads(line).get("stage") == kind and "val_accuracy" in line]
+        assert max(epochs) == 3, (kind, epochs)
+    assert cells["mlp-16/all/scratch@longer/0"]["budget"] == "longer"
+    rows = {line.split(" | ")[2]: line for line in _quality("table", *paths).splitlines() if line.startswith("| mlp-16")}
+    for method, scratch in (("longer", "scratch@longer"), ("soft-target", "scratch")):
+        change = 100 * (cells[f"mlp-16/all/{method}/0"]["accuracy"] - cells[f"mlp-16/all/{scratch}/0"]["accuracy"])
+        assert f"| {change:+.1f} |" in rows[method], rows[method]
+    val = {line.split(" | ")[2]: line for line in _quality("table", *paths, "--split", "val").splitlines()
+           if line.startswith("| mlp-16")}
+    assert f"| {100 * cells['mlp-16/all/scratch@longer/0']['val_accuracy']:.1f} ± " in val["longer"]
+
+    matrix["methods"]["longer"]["train"] = {"epochs": 5}  # outside a budget: its scratch twin would not share it
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    result = subprocess.run([sys.executable, str(SCRIPT), "plan", *map(str, paths)], capture_output=True, text=True)
+    assert result.returncode != 0 and "put data, train and cache settings in a named entry of 'budgets'" in result.stderr
