@@ -112,6 +112,7 @@ def test_each_seed_keeps_the_best_on_validation_of_scratch_and_every_candidate(s
             (out / "students" / f"{source}{seed}.safetensors").read_bytes()
         chosen = scratch if distilled["chosen"] == "scratch" else candidates[distilled["chosen"]]
         assert distilled["accuracy"] == chosen["accuracy"]
+        assert "key" not in distilled  # the chosen run's own stamp key stays in its own stamp
         # every candidate had the scratch twin's budget: the same number of optimizer steps
         steps = {r["setting"] if "setting" in r else r["stage"]: r["step"] for r in _records(out, seed)}
         assert len(set(steps.values())) == 1 and len(steps) == 1 + len(tags), steps

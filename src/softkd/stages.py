@@ -124,9 +124,10 @@ class StudentStages:
                   "train_s": sum(r["train_s"] for _, r in tried),
                   "candidates": [{"setting": tag, "method": r["method"], "val_accuracy": r["val_accuracy"],
                                   "train_s": r["train_s"]} for tag, r in tried]}
-        result = {**best, "kind": "distilled", "chosen": chosen, "method": best.get("method"), "search": search}
-        file = f"distilled-labels{fraction:g}-seed{seed}"
         source = self.out / "students" / f"{best['file']}.safetensors"
+        result = {**{k: v for k, v in best.items() if k not in ("file", "key")}, "kind": "distilled",
+                  "chosen": chosen, "method": best.get("method"), "search": search}
+        file = f"distilled-labels{fraction:g}-seed{seed}"
         key = stage_hash("search", self.method.key(), [(tag, r["key"]) for tag, r in [("scratch", scratch), *tried]])
         if read_stamp(self.out / "students" / f"{file}.json", key) is None:
             def write():
