@@ -164,7 +164,8 @@ def cell_results(cell: dict, folder: Path, wall_s: float, scratch: str = "scratc
     common = {"student": cell["student"], "regime": cell["regime"], "seed": seed,
               "teacher": report["teacher"]["model"], "teacher_accuracy": report["teacher"]["accuracy"],
               "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
-              "device": report["hardware"]["device"]}
+              "device": report["hardware"]["device"],
+              **({"cpu_kernels": report["hardware"]["cpu_kernels"]} if "cpu_kernels" in report["hardware"] else {})}
     found = []
     for kind, method in (("scratch", scratch), ("distilled", cell["method"])):
         stamp = json.loads((folder / "students" / f"{kind}-labels{fraction:g}-seed{seed}.json").read_text())["result"]

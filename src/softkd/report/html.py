@@ -13,7 +13,7 @@ from softkd.report.compare import HEADERS as COMPARISON_HEADERS
 from softkd.report.compare import comparison_cells
 from softkd.report.curves import epoch_records
 from softkd.report.search import SEARCH_HEADERS, search_tables
-from softkd.report.summary import HEADERS, cascade_note, headlines_of, in_words, table_rows
+from softkd.report.summary import HEADERS, cascade_note, device_words, headlines_of, in_words, table_rows
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 68rem;
@@ -77,7 +77,7 @@ def _run_section(run_dir: Path, report: dict, *, heading: bool) -> str:
                    f"{_e(cascade_note(c))}</p>")
     out += _figures(run_dir, report)
     hw, versions = report.get("hardware", {}), report.get("versions", {})
-    out.append(f"<p class='meta'>Ran on {_e(hw.get('device', '?'))}, {_e(hw.get('precision', '?'))}; softkd "
+    out.append(f"<p class='meta'>Ran on {_e(device_words(hw))}, {_e(hw.get('precision', '?'))}; softkd "
                f"{_e(versions.get('softkd', '?'))}, torch {_e(versions.get('torch', '?'))}; created "
                f"{_e(report.get('created', '?'))}.</p>")
     out.append("<details><summary>Resolved config</summary><pre>"

@@ -175,7 +175,9 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
         "seeds": config.train.seeds,
         "config": config.model_dump(mode="json"),
         "hardware": {"device": describe_device(select_device(config.train.device)),
-                     "precision": config.train.precision, "processes": Distributed().world},
+                     "precision": config.train.precision, "processes": Distributed().world,
+                     # CPU results differ in the last bits between kernel sets (README: Reproducibility)
+                     "cpu_kernels": torch.backends.cpu.get_cpu_capability()},
         "versions": {"softkd": softkd.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -297,8 +299,14 @@ def _hardware_line(report: dict) -> str:
     if not hw:
         return ""
     processes = hw["processes"]
-    return (f"Ran on {hw['device']}, {hw['precision']}, {processes} process{'es' if processes > 1 else ''} "
+    return (f"Ran on {device_words(hw)}, {hw['precision']}, {processes} process{'es' if processes > 1 else ''} "
             f"(torch {report['versions']['torch']}, softkd {report['versions']['softkd']}).")
+
+
+def device_words(hw: dict) -> str:
+    """'cpu (1 thread) (AVX2 kernels)', 'cuda:0 (NVIDIA H200)': the device, and on a CPU its kernel set."""
+    kernels = hw.get("cpu_kernels") if str(hw.get("device", "")).startswith("cpu") else None
+    return f"{hw.get('device', '?')}{f' ({kernels} kernels)' if kernels else ''}"
 
 
 def _pct(x: float) -> str:
