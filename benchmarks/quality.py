@@ -4,6 +4,7 @@ regimes × methods × seeds, each distilled student beside its equal-budget scra
     python benchmarks/quality.py plan  [--matrix benchmarks/quality.yaml] [--results benchmarks/results/quality.json]
     python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...]
     python benchmarks/quality.py table [--matrix ...] [--results ...] [--split test|val]
+    python benchmarks/quality.py search --results RESULTS [--results ...] [--seed 0]
 
 The matrix (benchmarks/quality.yaml) names the teachers, students, regimes, methods and seeds. A
 cell is one (student, regime, method, seed); `run` runs each missing cell as `softkd run` of a
@@ -245,6 +246,23 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def search_table(results: list[Path], seed: int = 0) -> str:
+    """How the recipes were found: every search cell (method auto) of ``seed`` in ``results``, its
+    scratch twin and its best distilled candidate, on the validation split only."""
+    lines = ["| student | labels | budget | scratch twin | best distilled setting | its accuracy | change | settings tried "
+             "| CPU kernels |", "|---|---|---|---:|---|---:|---:|---:|---|"]
+    found = [c for path in results for c in _load(path)["cells"] if "search" in c and c["seed"] == seed]
+    for c in sorted(found, key=lambda c: (c["student"], c["regime"] != "all", c.get("budget") or "")):
+        search = c["search"]
+        best = max(search["candidates"], key=lambda x: x["val_accuracy"])
+        scratch = search["scratch_val_accuracy"]
+        lines.append(f"| {c['student']} | {c['regime']} | {c.get('budget') or 'base'} | {100 * scratch:.2f} "
+                     f"| {best['setting']} | {100 * best['val_accuracy']:.2f} "
+                     f"| {100 * (best['val_accuracy'] - scratch):+.2f} | {len(search['candidates'])} "
+                     f"| {c.get('cpu_kernels', 'not recorded')} |")
+    return "\n".join(lines)
+
+
 def _verdict(kind: str) -> str:
     return "one seed: no error estimate" if kind == "one seed" else (
         kind if kind == "no clear difference" else f"distillation {kind}")
@@ -271,8 +289,13 @@ def main() -> None:
         if verb == "run":
             p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
             p.add_argument("--only", action="append", default=[], metavar="TEXT")
+    p = sub.add_parser("search", help="validation accuracies of every search cell (how recipes were chosen)")
+    p.add_argument("--results", type=Path, action="append", required=True)
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.verb == "run":
+    if args.verb == "search":
+        print(search_table(args.results, args.seed))
+    elif args.verb == "run":
         run(args.matrix.resolve(), args.results, args.out.resolve(), args.only)
     elif args.verb == "plan":
         print(plan(args.matrix, args.results))

@@ -65,6 +65,13 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     assert f"| {change:+.1f} |" in rows["soft-target 10%"]
     assert "(all candidates)" in rows["auto 10%"]
 
+    auto = cells["mlp-16/10%/auto/0"]["search"]
+    best = max(auto["candidates"], key=lambda c: c["val_accuracy"])
+    (row,) = [line for line in _quality("search", "--results", tmp_path / "q.json").splitlines()
+              if line.startswith("| mlp-16")]  # the one search of seed 0: how a recipe would be chosen
+    assert row.startswith(f"| mlp-16 | 10% | base | {100 * auto['scratch_val_accuracy']:.2f} | {best['setting']} "
+                          f"| {100 * best['val_accuracy']:.2f} |"), row
+
 
 def test_a_method_with_a_budget_is_compared_with_a_scratch_twin_of_that_budget(tmp_path):
     (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 2, batch_size: 128}\n")
