@@ -1,12 +1,15 @@
 """benchmarks/quality.py on a tiny digits matrix: the teacher trained when missing, cells written
 one by one and never run twice, a partial run continued later, the table from the JSON."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from softkd.config import config_from_dict, load_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -115,3 +118,26 @@ def test_a_method_with_a_budget_is_compared_with_a_scratch_twin_of_that_budget(t
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
     result = subprocess.run([sys.executable, str(SCRIPT), "plan", *map(str, paths)], capture_output=True, text=True)
     assert result.returncode != 0 and "put data, train and cache settings in a named entry of 'budgets'" in result.stderr
+
+
+def test_each_recipe_config_trains_what_the_matrix_measured():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    root = SCRIPT.parents[1]
+    matrix = quality.load_matrix(root / "benchmarks" / "quality.yaml")
+    recipes = {s: spec for s, spec in matrix["students"].items() if spec.get("recipe")}
+    assert recipes and all(spec.get("recipe_config") for spec in recipes.values())
+    for student, spec in recipes.items():
+        config = load_config(root / spec["recipe_config"])
+        for regime, fraction in matrix["regimes"].items():
+            cell = {"student": student, "regime": regime, "seed": 0, "settings": spec["recipe"]}
+            measured = config_from_dict(quality.run_config(matrix, cell, root, root / "runs"))
+            assert fraction in config.data.fractions and set(matrix["seeds"]) <= set(config.train.seeds)
+            assert config.method == measured.method, student
+            assert config.student == measured.student and config.teacher.checkpoint.endswith(
+                measured.teacher.checkpoint.split(str(root) + "/")[1]), student
+            for section, skip in (("train", {"seeds", "threads"}), ("data", {"labeled_fraction"})):
+                assert getattr(config, section).model_dump(exclude=skip) == \
+                    getattr(measured, section).model_dump(exclude=skip), (student, section)
+            assert config.cache.views == measured.cache.views
