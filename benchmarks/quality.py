@@ -30,6 +30,7 @@ import fcntl
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +128,9 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
     done = {c["name"] for c in _load(results)["cells"]}
     todo = [c for c in cells(matrix) if c["name"] not in done and all(text in c["name"] for text in only)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # `kill PID` stops the cell's `softkd run` too (subprocess.run kills its child on an exception):
+    # an orphaned run would go on writing the folder the next `run` trains in
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("quality.py: stopped (SIGTERM); the running cell was stopped too"))
     for cell in todo:
         _teacher(matrix, matrix["students"][cell["student"]]["teacher"], env)
         folder = folder_of(matrix, cell, out)

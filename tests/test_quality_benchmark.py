@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -141,3 +142,33 @@ def test_each_recipe_config_trains_what_the_matrix_measured():
                 assert getattr(config, section).model_dump(exclude=skip) == \
                     getattr(measured, section).model_dump(exclude=skip), (student, section)
             assert config.cache.views == measured.cache.views
+
+
+def test_stopping_the_benchmark_stops_the_cell_it_runs(tmp_path):
+    (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 1, batch_size: 128}\n")
+    matrix = {"seeds": [0], "regimes": {"all": 1.0},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 200, "batch_size": 16, "threads": 1},
+                       "output": {"latency": False}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": str(tmp_path / "teacher"),
+                                     "config": str(tmp_path / "teacher.yaml")}},
+              "students": {"mlp-16": {"teacher": "small"}}, "methods": {"soft-target": {"method": {"name": "soft-target"}}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    bench = subprocess.Popen([sys.executable, str(SCRIPT), "run", "--matrix", str(tmp_path / "m.yaml"), "--results",
+                              str(tmp_path / "q.json"), "--out", str(tmp_path / "runs")],
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True)
+    deadline, child = time.monotonic() + 300, None
+    while child is None and time.monotonic() < deadline:  # the cell's `softkd run`, once the teacher is trained
+        children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split()
+        runs = [int(c) for c in children if b"softkd.cli\x00run" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        child = runs[0] if runs else None
+        time.sleep(0.2)
+    assert child is not None, "the cell never started"
+    bench.terminate()
+    assert bench.wait(timeout=60) != 0 and "stopped (SIGTERM)" in bench.stderr.read()
+    for _ in range(100):  # the child is gone, not orphaned and still training
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"softkd run {child} still runs after its benchmark was stopped")
+    assert not (tmp_path / "q.json").exists()  # the unfinished cell is not recorded
