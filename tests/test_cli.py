@@ -31,7 +31,7 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "demo"
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
                                                "report.html", "teacher.safetensors", "teacher.json", "students",
-                                               "cache"}
+                                               "cache", ".lock"}  # .lock: held while a run writes
     assert f"Open the report: {(out / 'report.html').resolve().as_uri()}" in result.output.replace("\n", "")
     students = sorted(p.name for p in (out / "students").iterdir())
     assert len(students) == 2 * 2 * 2 * 2  # regimes × seeds × kinds × (weights, stamp)
@@ -126,6 +126,41 @@ def test_an_output_folder_that_cannot_be_one_exits_2_before_anything_runs(tmp_pa
             assert result.exit_code == 2 and result.output.strip().startswith(f"error: {message}"), result.output
             assert len(result.output.strip().splitlines()) == 1
     assert taken.read_text() == "keep me"
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from softkd.utils import hold_folder
+with hold_folder(Path(sys.argv[1]), "the run folder"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_into_a_folder_another_process_writes_exits_2_and_changes_nothing(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: {model: mlp-16, epochs: 1}\nstudent: {model: mlp-8}\ntrain: {epochs: 1}\n")
+    out = tmp_path / "out"
+    (out / "students").mkdir(parents=True)
+    (out / "config.yaml").write_text("the first run's config")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for verb in (("run",), ("teacher",), ("cache", "build")):
+            result = _invoke(*verb, config, "--out", out)
+            assert result.exit_code == 2, result.output
+            assert result.output.strip() == (f"error: Another process is writing the run folder '{out}' (it holds "
+                                              f"{out / '.lock'}); wait for it to finish, or give --out another "
+                                              "folder."), result.output
+            assert (out / "config.yaml").read_text() == "the first run's config"
+            assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "students"]
+    finally:
+        holder.kill()
+        holder.wait()
+    result = _invoke("run", config, "--out", out)  # the lock went with the process that held it
+    assert result.exit_code == 0, result.output
+    assert (out / "report.json").is_file()
 
 
 def test_softkd_teacher_on_a_trained_teacher_says_there_is_nothing_to_train(tmp_path):
@@ -257,7 +292,7 @@ def test_teacher_verb_trains_and_saves_only_the_teacher(tmp_path):
     result = _invoke("teacher", config, "--out", tmp_path / "t")
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.yaml", "metrics.jsonl", "teacher.json",
-                                                           "teacher.safetensors"}  # no students/
+                                                           "teacher.safetensors", ".lock"}  # no students/
     summary = json.loads((tmp_path / "t" / "teacher.json").read_text())["result"]
     assert summary["model"] == "mlp-32" and 0.5 < summary["test"]["accuracy"] <= 1
     weights = (tmp_path / "t" / "teacher.safetensors").read_bytes()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,7 @@ from softkd.stages import StudentStages, build_run_students, checkpoint_folder, 
 from softkd.train.loop import fit
 from softkd.train.distributed import Distributed
 from softkd.train.runtime import deterministic_algorithms, inference_batch_size, select_device
-from softkd.utils import atomic_write_text, cpu_threads
+from softkd.utils import atomic_write_text, cpu_threads, hold_folder
 
 if TYPE_CHECKING:
     from softkd.cache import SoftLabelCache
@@ -62,9 +62,9 @@ def run_experiment(config: RunConfig, *, out_dir: str | Path, progress=None, res
     and only the main process writes the run directory (the others get the same report)."""
     dist = Distributed()
     check_out_dir(out_dir)
-    with _runtime(config):
+    with _runtime(config), ExitStack() as stack:
         splits, teachers = _prepare(config)  # bad data, names or checkpoints fail before a file is written
-        out = _open_run_dir(config, out_dir, resume=resume)
+        out = stack.enter_context(_run_dir(config, out_dir, resume=resume))
         with RunLog(out, progress, total=_count_epochs(config), tensorboard=config.output.tensorboard) as logger:
             teacher_key = _teacher_stage(config, teachers, splits, out, logger, resume)
             teachers = [Teacher(t) for t in teachers]
@@ -114,9 +114,9 @@ def train_teacher(config: RunConfig, *, out_dir: str | Path, progress=None, resu
                           "trained, so 'softkd teacher' has nothing to do; remove teacher.checkpoint to train one, "
                           "or use `softkd run` to distill it.")
     check_out_dir(out_dir)
-    with _runtime(config):
+    with _runtime(config), ExitStack() as stack:
         splits, teachers = _prepare(config, load=False)
-        out = _open_run_dir(config, out_dir, resume=resume, students=False)
+        out = stack.enter_context(_run_dir(config, out_dir, resume=resume, students=False))
         with RunLog(out, progress, total=config.teacher.epochs, tensorboard=config.output.tensorboard) as logger:
             _teacher_stage(config, teachers, splits, out, logger, resume)
         _save_config(config, out)
@@ -132,9 +132,9 @@ def build_cache(config: RunConfig, *, out_dir: str | Path, progress=None) -> lis
     if not config.teacher_list:
         raise ConfigError(f"Method '{config.method.name}' trains without a teacher: there is no soft-label cache to build.")
     check_out_dir(out_dir)
-    with _runtime(config):
+    with _runtime(config), ExitStack() as stack:
         splits, teachers = _prepare(config)
-        out = _open_run_dir(config, out_dir)
+        out = stack.enter_context(_run_dir(config, out_dir))
         with RunLog(out, progress, total=_teacher_epochs(config)) as logger:
             _teacher_stage(config, teachers, splits, out, logger)
             caches = [open_or_build(config, i, Teacher(t), splits, out, logger) for i, t in enumerate(teachers)]
@@ -211,24 +211,28 @@ def _measure_speed(config: RunConfig, method, teachers: list, splits: Splits) ->
     return next((s for s in dist.gather_object(mine) if s is not None), None)
 
 
-def _open_run_dir(config: RunConfig, out_dir: str | Path, *, resume: bool = False, students: bool = True) -> Path:
-    """The run directory with the config (and ``students/``, unless only a teacher is trained). A
-    resumed run keeps the config it has until it finishes (:func:`_save_config`): a resume refused
-    for changed settings changes nothing."""
+@contextmanager
+def _run_dir(config: RunConfig, out_dir: str | Path, *, resume: bool = False, students: bool = True):
+    """The run directory with the config (and ``students/``, unless only a teacher is trained),
+    held by the main process until the block ends: a second run into the same folder is refused
+    before it writes anything. A resumed run keeps the config it has until it finishes
+    (:func:`_save_config`): a resume refused for changed settings changes nothing."""
     out = Path(out_dir)
     dist = Distributed()
+    with ExitStack() as held:
 
-    def create() -> None:
-        try:
-            (out / "students" if students else out).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a race with another process, a full or read-only disk
-            raise ConfigError(f"Cannot create the output folder '{out}': {exc.strerror}; give --out (or "
-                              "output.dir) another folder.") from None
-        if not (resume and (out / "config.yaml").is_file()):
-            atomic_write_text(out / "config.yaml", dump_config(config))
+        def create() -> None:
+            try:
+                (out / "students" if students else out).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a race with another process, a full or read-only disk
+                raise ConfigError(f"Cannot create the output folder '{out}': {exc.strerror}; give --out (or "
+                                  "output.dir) another folder.") from None
+            held.enter_context(hold_folder(out, "the run folder"))
+            if not (resume and (out / "config.yaml").is_file()):
+                atomic_write_text(out / "config.yaml", dump_config(config))
 
-    dist.on_main(create)  # every process reads the folder as the main process left it
-    return out
+        dist.on_main(create)  # every process reads the folder as the main process left it
+        yield out
 
 
 def _save_config(config: RunConfig, out: Path) -> None:

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import torch
 
+from softkd.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked there
+    fcntl = None
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
@@ -29,6 +36,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def hold_folder(folder: Path, what: str):
+    """Hold ``folder`` for one process while the block runs: a second process that tries (another
+    ``softkd run`` with the same --out) gets a one-line error instead of writing the same files at
+    the same time. The lock is flock on ``folder/.lock``, so it goes when its process dies; the file
+    is never written, so taking it changes nothing in the folder."""
+    if fcntl is None:
+        yield
+        return
+    with open(folder / ".lock", "a") as f:  # left in place: removing it would let two processes hold two files
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"Another process is writing {what} '{folder}' (it holds {folder / '.lock'}); "
+                              "wait for it to finish, or give --out another folder.") from None
+        yield
 
 
 def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
