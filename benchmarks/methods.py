@@ -11,8 +11,8 @@ timing it (`wall_s_this_call`: stages an earlier call left stamped are reused, n
 row's `train_s_per_student` is the mean training time of one student, read from the run's
 `metrics.jsonl`), and adds its rows to the results JSON as soon as it finishes (a rerun of a config
 replaces its rows), so a long list can be split across cores and stopped midway. `table`
-prints the methods table of the docs from the JSON; `headline`, the README's results table (the
-soft-target recipes), which a test holds README to.
+prints the methods table of the docs from the JSON; `headline`, the soft-target recipes' table of
+docs/benchmarks.md (the 93.04 % teacher), which a test holds that page to.
 """
 
 from __future__ import annotations

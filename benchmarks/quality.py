@@ -253,18 +253,29 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
 def search_table(results: list[Path], seed: int = 0) -> str:
     """How the recipes were found: every search cell (method auto) of ``seed`` in ``results``, its
     scratch twin and its best distilled candidate, on the validation split only."""
-    lines = ["| student | labels | budget | scratch twin | best distilled setting | its accuracy | change | settings tried "
-             "| CPU kernels |", "|---|---|---|---:|---|---:|---:|---:|---|"]
+    lines = ["| student | labels | search | budget | scratch twin | best distilled setting | its accuracy | change "
+             "| settings tried | CPU kernels |", "|---|---|---|---|---:|---|---:|---:|---:|---|"]
     found = [c for path in results for c in _load(path)["cells"] if "search" in c and c["seed"] == seed]
     for c in sorted(found, key=lambda c: (c["student"], c["regime"] != "all", c.get("budget") or "")):
         search = c["search"]
         best = max(search["candidates"], key=lambda x: x["val_accuracy"])
         scratch = search["scratch_val_accuracy"]
-        lines.append(f"| {c['student']} | {c['regime']} | {c.get('budget') or 'base'} | {100 * scratch:.2f} "
+        lines.append(f"| {c['student']} | {c['regime']} | {c['method']} | {c.get('budget') or 'base'} | {100 * scratch:.2f} "
                      f"| {best['setting']} | {100 * best['val_accuracy']:.2f} "
                      f"| {100 * (best['val_accuracy'] - scratch):+.2f} | {len(search['candidates'])} "
                      f"| {c.get('cpu_kernels', 'not recorded')} |")
     return "\n".join(lines)
+
+
+def write_block(page: Path, marker: str, text: str) -> None:
+    """Replace what ``page`` holds between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->``
+    with ``text`` (README and docs render their tables from the JSON this way)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    content = page.read_text()
+    if start not in content or end not in content.split(start, 1)[-1]:
+        sys.exit(f"error: {page} has no '{start}' ... '{end}' block to write the table into.")
+    head, rest = content.split(start, 1)
+    page.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def _verdict(kind: str) -> str:
@@ -290,21 +301,31 @@ def main() -> None:
         if verb == "table":
             p.add_argument("--split", choices=("test", "val"), default="test",
                            help="val: the validation accuracies recipes are chosen by")
+            p.add_argument("--write", type=Path, action="append", default=[], metavar="PAGE",
+                           help="write the table into PAGE's <!-- quality:start/end --> block (README.md, docs/...)")
         if verb == "run":
             p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
             p.add_argument("--only", action="append", default=[], metavar="TEXT")
     p = sub.add_parser("search", help="validation accuracies of every search cell (how recipes were chosen)")
     p.add_argument("--results", type=Path, action="append", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", type=Path, action="append", default=[], metavar="PAGE",
+                   help="write the table into PAGE's <!-- search:start/end --> block")
     args = parser.parse_args()
     if args.verb == "search":
-        print(search_table(args.results, args.seed))
+        text = search_table(args.results, args.seed)
+        for page in args.write:
+            write_block(page, "search", text)
+        print(text)
     elif args.verb == "run":
         run(args.matrix.resolve(), args.results, args.out.resolve(), args.only)
     elif args.verb == "plan":
         print(plan(args.matrix, args.results))
     else:
-        print(table(args.matrix, args.results, args.split))
+        text = table(args.matrix, args.results, args.split)
+        for page in args.write:
+            write_block(page, "quality" if args.split == "test" else "quality-val", text)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -73,13 +73,32 @@ def test_every_config_the_docs_name_exists_and_loads_with_its_teachers(name):
         assert teacher.checkpoint is None or (ROOT / teacher.checkpoint).is_file(), teacher.checkpoint
 
 
-def test_readme_results_table_is_the_one_the_benchmark_json_renders():
-    spec = importlib.util.spec_from_file_location("methods_benchmark", ROOT / "benchmarks" / "methods.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("<!-- headline:start -->\n")[1].split("\n<!-- headline:end -->")[0]
-    assert table == benchmark.headline(benchmark.RESULTS)
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _block(page: str, marker: str) -> str:
+    return (ROOT / page).read_text().split(f"<!-- {marker}:start -->\n")[1].split(f"\n<!-- {marker}:end -->")[0]
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_the_payoff_table_is_the_one_the_benchmark_json_renders(page):
+    quality = _benchmark("quality")
+    assert _block(page, "quality") == quality.table(quality.MATRIX, quality.RESULTS)
+
+
+def test_the_recipe_search_table_is_the_one_the_search_cells_render():
+    quality = _benchmark("quality")
+    results = ROOT / "benchmarks" / "results"
+    assert _block("docs/benchmarks.md", "search") == quality.search_table([results / "recipes.json", quality.RESULTS])
+
+
+def test_the_soft_target_recipes_table_is_the_one_methods_json_renders():
+    methods = _benchmark("methods")
+    assert _block("docs/benchmarks.md", "headline") == methods.headline(methods.RESULTS)
 
 
 def test_readme_is_short_and_starts_with_the_two_commands():
@@ -104,10 +123,5 @@ def test_every_guarantee_names_a_test_that_exists():
 
 @pytest.mark.parametrize("page", ["README.md", "docs/cascade.md"])
 def test_the_cascade_table_is_the_one_the_benchmark_json_renders(page):
-    spec = importlib.util.spec_from_file_location("cascade_benchmark", ROOT / "benchmarks" / "cascade.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     results = json.loads((ROOT / "benchmarks" / "results" / "cascade.json").read_text())
-    text = (ROOT / page).read_text()
-    table = text.split("<!-- cascade:start -->\n")[1].split("\n<!-- cascade:end -->")[0]
-    assert table == benchmark.table(results)
+    assert _block(page, "cascade") == _benchmark("cascade").table(results)

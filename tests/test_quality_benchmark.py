@@ -73,7 +73,7 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     best = max(auto["candidates"], key=lambda c: c["val_accuracy"])
     (row,) = [line for line in _quality("search", "--results", tmp_path / "q.json").splitlines()
               if line.startswith("| mlp-16")]  # the one search of seed 0: how a recipe would be chosen
-    assert row.startswith(f"| mlp-16 | 10% | base | {100 * auto['scratch_val_accuracy']:.2f} | {best['setting']} "
+    assert row.startswith(f"| mlp-16 | 10% | auto | base | {100 * auto['scratch_val_accuracy']:.2f} | {best['setting']} "
                           f"| {100 * best['val_accuracy']:.2f} |"), row
 
 
