@@ -184,12 +184,12 @@ def test_softkd_cascade_reports_both_students_against_the_teacher(run, calibrate
 
 def test_the_chosen_cascade_scores_on_test_as_the_module_does(run, calibrated):
     from softkd.cascade.calibrate import load_run_teacher
-    from softkd.export import _run_config, load_run_student
+    from softkd.export import run_dir_config, load_run_student
 
     _, result = calibrated
     s = result["students"]["distilled"]
     student, _, splits = load_run_student(run, s["name"])
-    teacher, _ = load_run_teacher(run, _run_config(run), splits.train.input_shape, splits.train.num_classes)
+    teacher, _ = load_run_teacher(run, run_dir_config(run), splits.train.input_shape, splits.train.num_classes)
     out = torch.cat([Cascade(student, teacher, threshold=s["threshold"])(splits.test.x[i:i + 100].float()).logits
                      for i in range(0, len(splits.test), 100)])
     assert math.isclose(float((out.argmax(-1) == splits.test.y).double().mean()), s["test"]["accuracy"])
@@ -262,7 +262,7 @@ def test_a_run_without_a_validation_split_is_refused(tmp_path):
 def test_the_onnx_cascade_matches_the_pytorch_one_and_a_failed_export_keeps_the_old(run, calibrated, monkeypatch):
     pytest.importorskip("onnxruntime")
     from softkd.cascade.calibrate import load_run_teacher
-    from softkd.export import _run_config, load_run_student
+    from softkd.export import run_dir_config, load_run_student
 
     made = export_cascade(run)
     folder = run / "export" / "cascade"
@@ -273,7 +273,7 @@ def test_the_onnx_cascade_matches_the_pytorch_one_and_a_failed_export_keeps_the_
     chosen = calibration["students"]["distilled"]
     assert made["student"] == chosen["name"]
     student, _, splits = load_run_student(run, chosen["name"])
-    teacher, _ = load_run_teacher(run, _run_config(run), splits.train.input_shape, splits.train.num_classes)
+    teacher, _ = load_run_teacher(run, run_dir_config(run), splits.train.input_shape, splits.train.num_classes)
     x = splits.test.x.float()
     eager = Cascade(student, teacher, threshold=chosen["threshold"], confidence=calibration["confidence"])(x)
     logits, deferred = load_cascade(folder)(x)

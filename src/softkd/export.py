@@ -64,7 +64,7 @@ def list_students(run_dir: str | Path) -> list[dict]:
     had no validation split) and ``default`` (the one :func:`load_student` loads without a name).
     Distilled students first, then by peer, most labels, seed."""
     run = Path(run_dir)
-    students = _students(run, _run_config(run))
+    students = _students(run, run_dir_config(run))
     default = _select(students, None, run)[0]["name"] if any(s["kind"] == "distilled" for s in students) else None
     return [{**s, "default": s["name"] == default} for s in students]
 
@@ -106,7 +106,7 @@ def export_student(run_dir: str | Path, *, format: str = "onnx", student: str | 
     target = run / "export" if out is None else Path(out)
     target = target / f"{info['name']}{ext}" if out is None or target.is_dir() else target
     x, labels = splits.test.x.float(), splits.test.y
-    eager = _predict(model, x, CHECK_BATCH)
+    eager = predict_in_batches(model, x, CHECK_BATCH)
     made_folder = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = temporary_beside(target, suffix=f".tmp{target.suffix}")
@@ -169,7 +169,8 @@ def write_onnx(model: nn.Module, path: str | Path, *, input_shape) -> str:
 # --- run directories ------------------------------------------------------------------------------
 
 
-def _run_config(run: Path) -> RunConfig:
+def run_dir_config(run: Path) -> RunConfig:
+    """The config a run directory was written with; a folder without one is refused."""
     if not (run / "config.yaml").is_file():
         raise DataError(f"'{run}' is not a run directory (no config.yaml); give the folder `softkd run` or "
                         "`softkd demo` wrote.")
@@ -219,7 +220,7 @@ def _select(students: list[dict], name: str | None, run: Path) -> tuple[dict, st
 
 def load_run_student(run: Path, name: str | None) -> tuple[nn.Module, dict, Splits]:
     """:func:`load_student`, with the run's data splits it was built for."""
-    config = _run_config(run)
+    config = run_dir_config(run)
     entry, selected_by = _select(_students(run, config), name, run)
     splits = run_splits(config.data)
     shape, classes = splits.train.input_shape, splits.train.num_classes
@@ -336,7 +337,8 @@ _LOADERS = {"onnx": _load_onnx, "pt2": _load_pt2, "safetensors": _load_safetenso
 
 
 @torch.no_grad()
-def _predict(run: Callable, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict_in_batches(run: Callable, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``run`` (a module, or an exported model's callable) over ``x`` in batches: float logits."""
     return torch.cat([torch.as_tensor(run(x[i:i + batch_size])).float() for i in range(0, len(x), batch_size)])
 
 
@@ -346,8 +348,8 @@ def _check(run: Callable, eager: torch.Tensor, x: torch.Tensor, labels: torch.Te
     first samples (batch 1); an :class:`ExportError` naming what differed when they disagree."""
     where = f"The {format} export of '{student}'"
     try:
-        exported = _predict(run, x, CHECK_BATCH)
-        one = _predict(run, x[:BATCH1_SAMPLES], 1)
+        exported = predict_in_batches(run, x, CHECK_BATCH)
+        one = predict_in_batches(run, x[:BATCH1_SAMPLES], 1)
     except SoftKDError:
         raise
     except Exception as exc:

@@ -16,7 +16,7 @@ from torch import nn
 
 from softkd.cascade.model import Cascade, cascade_curve, combine, pick_point
 from softkd.errors import ConfigError, DataError
-from softkd.export import _predict, _run_config, list_students, load_run_student
+from softkd.export import predict_in_batches, run_dir_config, list_students, load_run_student
 from softkd.models.loading import resolve_model
 from softkd.models.weights import load_weights
 from softkd.train.runtime import describe_device
@@ -62,7 +62,7 @@ def calibrate_run(run_dir: str | Path, *, student: str | None = None, target_acc
 
 
 def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, within, confidence, budget_s) -> dict:
-    config = _run_config(run)
+    config = run_dir_config(run)
     model, info, splits = load_run_student(run, name)
     if splits.val is None or len(splits.val) == 0:
         raise DataError(f"The run in '{run}' has no validation split to choose a threshold on (data.val_fraction "
@@ -74,14 +74,14 @@ def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, within, c
         students["scratch"] = load_run_student(run, twin)[:2]
 
     val_x, val_y = _labeled(splits.val, "validation")
-    teacher_val = _predict(teacher, val_x, BATCH)
+    teacher_val = predict_in_batches(teacher, val_x, BATCH)
     target = {"max_teacher_fraction": max_teacher_fraction} if max_teacher_fraction is not None else \
         {"accuracy": target_accuracy} if target_accuracy is not None else \
         {"accuracy": _accuracy(teacher_val, val_y) - within / 100, "within": within,
          "default": "the teacher's validation accuracy" + (f" less {within:g} points" if within else "")}
     chosen = {}
     for role, (m, i) in students.items():
-        curve = cascade_curve(_predict(m, val_x, BATCH), teacher_val, val_y, confidence_kind=confidence)
+        curve = cascade_curve(predict_in_batches(m, val_x, BATCH), teacher_val, val_y, confidence_kind=confidence)
         try:
             point = pick_point(curve, target_accuracy=target.get("accuracy"),
                                max_teacher_fraction=target.get("max_teacher_fraction"))
@@ -93,12 +93,12 @@ def _calibrate(run: Path, name, target_accuracy, max_teacher_fraction, within, c
         chosen[role] = {"student": i, "curve": curve, "point": point}
     # --- the test split: scored and timed only now, with the thresholds already fixed ---
     test_x, test_y = _labeled(splits.test, "test")
-    teacher_test = _predict(teacher, test_x, BATCH)
+    teacher_test = predict_in_batches(teacher, test_x, BATCH)
     timed = {"teacher": teacher}
     results = {}
     for role, c in chosen.items():
         m, curve, point = students[role][0], c["curve"], c["point"]
-        student_test = _predict(m, test_x, BATCH)
+        student_test = predict_in_batches(m, test_x, BATCH)
         entry = {"name": c["student"]["name"], "model": c["student"]["model"],
                  "val_accuracy_alone": curve["accuracy"][0], "test_accuracy_alone": _accuracy(student_test, test_y)}
         if point is not None:

@@ -19,7 +19,7 @@ from softkd.cascade.calibrate import load_run_teacher
 from softkd.cascade.model import CONFIDENCES, combine, confidence, defer
 from softkd.errors import DataError
 from softkd.evaluate.speed import OnnxModel
-from softkd.export import MIN_AGREEMENT, ExportError, _run_config, load_run_student, write_onnx
+from softkd.export import MIN_AGREEMENT, ExportError, run_dir_config, load_run_student, write_onnx
 from softkd.utils import atomic_write_text
 
 
@@ -69,7 +69,7 @@ def export_cascade(run_dir: str | Path, *, out: str | Path | None = None) -> dic
     first = next(iter(result["students"].values()))
     if "threshold" not in first:
         raise DataError(f"The cascade in {calibrated} reached no threshold; run `softkd cascade` with another target.")
-    config = _run_config(run)
+    config = run_dir_config(run)
     student, info, splits = load_run_student(run, first["name"])
     teacher, _ = load_run_teacher(run, config, splits.train.input_shape, splits.train.num_classes)
     target = Path(out) if out is not None else run / "export" / "cascade"

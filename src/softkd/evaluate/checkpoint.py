@@ -14,7 +14,7 @@ from softkd.config import RunConfig, load_config
 from softkd.data.datasets import Splits, load_splits, run_splits
 from softkd.errors import DataError, ShapeMismatchError
 from softkd.evaluate.metrics import detailed_metrics
-from softkd.export import FORMATS, CONSTRUCTION_KEY, build_run_student, list_students, load_exported
+from softkd.export import FORMATS, CONSTRUCTION_KEY, build_run_student, list_students, load_exported, predict_in_batches
 from softkd.models.loading import check_num_classes, resolve_model
 from softkd.models.weights import load_weights
 
@@ -36,12 +36,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str, model: str | None 
     x, labels = splits.test.x.float(), splits.test.y
     shape, classes = splits.train.input_shape, splits.train.num_classes
     run, architecture = load_classifier(checkpoint, input_shape=shape, num_classes=classes, model=model)
-    logits = _predict(run, x)
+    logits = predict_in_batches(run, x, EVAL_BATCH)
     out = {"checkpoint": str(checkpoint), "architecture": architecture, "data": data, "test_samples": len(x)}
     teacher_logits = None
     if teacher is not None:
         teacher_run, teacher_architecture = load_classifier(Path(teacher), input_shape=shape, num_classes=classes)
-        teacher_logits = _predict(teacher_run, x)
+        teacher_logits = predict_in_batches(teacher_run, x, EVAL_BATCH)
         out["teacher"] = {"checkpoint": str(teacher), "architecture": teacher_architecture,
                           "accuracy": detailed_metrics(teacher_logits, labels)["accuracy"]}
     for name, got in (("checkpoint", logits), ("teacher", teacher_logits)):
@@ -129,8 +129,4 @@ def _test_data(data: str, config: RunConfig | None) -> Splits:
         return load_splits(Path(data).stem, path=data)
     return load_splits(data)
 
-
-@torch.no_grad()
-def _predict(run: Callable, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(run(x[i:i + EVAL_BATCH])).float() for i in range(0, len(x), EVAL_BATCH)])
 
