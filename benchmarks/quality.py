@@ -291,6 +291,17 @@ def _ms(s: dict) -> str:
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
 
+def _write_option(parser: argparse.ArgumentParser, marker: str) -> None:
+    parser.add_argument("--write", type=Path, action="append", default=[], metavar="PAGE",
+                        help=f"also write the table into PAGE's <!-- {marker}:start/end --> block (README.md, docs/...)")
+
+
+def _show(text: str, pages: list[Path], marker: str) -> None:
+    for page in pages:
+        write_block(page, marker, text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -301,31 +312,23 @@ def main() -> None:
         if verb == "table":
             p.add_argument("--split", choices=("test", "val"), default="test",
                            help="val: the validation accuracies recipes are chosen by")
-            p.add_argument("--write", type=Path, action="append", default=[], metavar="PAGE",
-                           help="write the table into PAGE's <!-- quality:start/end --> block (README.md, docs/...)")
+            _write_option(p, "quality")
         if verb == "run":
             p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
             p.add_argument("--only", action="append", default=[], metavar="TEXT")
     p = sub.add_parser("search", help="validation accuracies of every search cell (how recipes were chosen)")
     p.add_argument("--results", type=Path, action="append", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write", type=Path, action="append", default=[], metavar="PAGE",
-                   help="write the table into PAGE's <!-- search:start/end --> block")
+    _write_option(p, "search")
     args = parser.parse_args()
     if args.verb == "search":
-        text = search_table(args.results, args.seed)
-        for page in args.write:
-            write_block(page, "search", text)
-        print(text)
+        _show(search_table(args.results, args.seed), args.write, "search")
     elif args.verb == "run":
         run(args.matrix.resolve(), args.results, args.out.resolve(), args.only)
     elif args.verb == "plan":
         print(plan(args.matrix, args.results))
     else:
-        text = table(args.matrix, args.results, args.split)
-        for page in args.write:
-            write_block(page, "quality" if args.split == "test" else "quality-val", text)
-        print(text)
+        _show(table(args.matrix, args.results, args.split), args.write, "quality" if args.split == "test" else "quality-val")
 
 
 if __name__ == "__main__":
