@@ -11,13 +11,13 @@ cell is one (student, regime, method, seed); `run` runs each missing cell as `so
 config it writes (the matrix's base, the student's teacher checkpoint, the regime, the method, one
 seed) into one folder per student and regime, so the scratch twin, the soft-label cache and the
 teacher's test pass are shared by the methods; it adds the cell to the results JSON as soon as it
-finishes (the scratch twin as a cell of method "scratch"), so a long CPU run can stop anywhere and
-continue later. A teacher whose weights are missing is trained first (`softkd teacher`, resumable).
+finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), so a long
+CPU run can stop anywhere and continue later, and a cell rerun elsewhere (another CPU's kernels
+give another scratch twin) changes only its own row. A teacher whose weights are missing is trained first (`softkd teacher`, resumable).
 `--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
 A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
 `train` and `cache`, such as more epochs or cached augmented views); its cells then train in their
-own folder (`<student>-<regime>-<budget>`) beside their own scratch twin (method `scratch@<budget>`)
-with the same budget, so a recipe is never compared with a scratch student trained less.
+own folder (`<student>-<regime>-<budget>`) beside their own scratch twins with the same budget, so a recipe is never compared with a scratch student trained less.
 `table` renders README's table from the JSON: mean ± std over the seeds done, the change against
 the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
 the training time per student. Selection (auto, recipes) only ever reads the validation split.
@@ -83,11 +83,6 @@ def budget_of(matrix: dict, settings: dict) -> str | None:
     return name
 
 
-def scratch_method(budget: str | None) -> str:
-    """The method name of the scratch twins trained under a budget."""
-    return "scratch" if budget is None else f"scratch@{budget}"
-
-
 def student_methods(matrix: dict, spec: dict) -> dict:
     """The matrix's methods a student runs: all, or those its ``methods`` list names."""
     names = spec.get("methods", list(matrix["methods"]))
@@ -145,8 +140,7 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
         if proc.returncode != 0:
             print(f"{cell['name']}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        _save(results, cell_results(cell, folder, wall, scratch_method(budget_of(matrix, cell["settings"]))),
-              matrix_path)
+        _save(results, cell_results(cell, folder, wall), matrix_path)
         print(f"{cell['name']}: {wall / 60:.1f} min", flush=True)
 
 
@@ -159,43 +153,41 @@ def _teacher(matrix: dict, name: str, env: dict) -> None:
                     "--resume"], cwd=ROOT, env=env, check=True)
 
 
-def cell_results(cell: dict, folder: Path, wall_s: float, scratch: str = "scratch") -> list[dict]:
-    """The cell's distilled student and its scratch twin (a cell of method ``scratch``), read from
-    the run's report and student stamps."""
+def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:
+    """The cell's distilled student with its scratch twin of the same run (``twin``), read from the
+    run's report and student stamps. Each cell carries its own twin: soft-target and auto share a
+    folder, and a cell rerun on other CPU kernels may train a different one."""
     report = json.loads((folder / "report.json").read_text())
     entry = next(iter(report["students"].values()))
     regime = next(iter(entry["regimes"].values()))
     fraction, seed = regime["labeled_fraction"], cell["seed"]
-    common = {"student": cell["student"], "regime": cell["regime"], "seed": seed,
-              "teacher": report["teacher"]["model"], "teacher_accuracy": report["teacher"]["accuracy"],
-              "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
-              "device": report["hardware"]["device"],
-              **({"cpu_kernels": report["hardware"]["cpu_kernels"]} if "cpu_kernels" in report["hardware"] else {})}
-    found = []
-    for kind, method in (("scratch", scratch), ("distilled", cell["method"])):
-        stamp = json.loads((folder / "students" / f"{kind}-labels{fraction:g}-seed{seed}.json").read_text())["result"]
-        found.append({"name": f"{cell['student']}/{cell['regime']}/{method}/{seed}", "method": method, **common,
-                      "settings": report["method"] if kind == "distilled" else None,
-                      **({"budget": cell["settings"]["budget"]} if cell["settings"].get("budget") else {}),
-                      "accuracy": stamp["accuracy"], "val_accuracy": stamp.get("val_accuracy"),
-                      "train_s": stamp.get("train_s"),
-                      **({"chosen": stamp["chosen"], "search": stamp["search"]} if "search" in stamp else {}),
-                      **({"wall_s": round(wall_s, 1)} if kind == "distilled" else {})})
-    return found
+    scratch, distilled = (json.loads((folder / "students" / f"{kind}-labels{fraction:g}-seed{seed}.json").read_text())
+                          ["result"] for kind in ("scratch", "distilled"))
+    return {"name": cell["name"], "student": cell["student"], "regime": cell["regime"], "method": cell["method"],
+            "seed": seed, "teacher": report["teacher"]["model"], "teacher_accuracy": report["teacher"]["accuracy"],
+            "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
+            "device": report["hardware"]["device"],
+            **({"cpu_kernels": report["hardware"]["cpu_kernels"]} if "cpu_kernels" in report["hardware"] else {}),
+            "settings": report["method"],
+            **({"budget": cell["settings"]["budget"]} if cell["settings"].get("budget") else {}),
+            "accuracy": distilled["accuracy"], "val_accuracy": distilled.get("val_accuracy"),
+            "train_s": distilled.get("train_s"),
+            **({"chosen": distilled["chosen"], "search": distilled["search"]} if "search" in distilled else {}),
+            "wall_s": round(wall_s, 1),
+            "twin": {k: scratch.get(k) for k in ("accuracy", "val_accuracy", "train_s")}}
 
 
 def _load(results: Path) -> dict:
     return json.loads(results.read_text()) if results.exists() else {"cells": []}
 
 
-def _save(results: Path, new: list[dict], matrix_path: Path) -> None:
-    """Add (or replace) cells under a lock: two `run`s, one per core, may share the file."""
+def _save(results: Path, cell: dict, matrix_path: Path) -> None:
+    """Add (or replace) a cell under a lock: two `run`s, one per core, may share the file."""
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kept = _load(results)
-        names = {c["name"] for c in new}
-        kept["cells"] = sorted([c for c in kept["cells"] if c["name"] not in names] + new, key=lambda c: c["name"])
+        kept["cells"] = sorted([c for c in kept["cells"] if c["name"] != cell["name"]] + [cell], key=lambda c: c["name"])
         kept["matrix"] = str(matrix_path.relative_to(ROOT)) if matrix_path.is_relative_to(ROOT) else str(matrix_path)
         tmp = results.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept, indent=2) + "\n")
@@ -212,8 +204,8 @@ def plan(matrix_path: Path, results: Path) -> str:
 
 def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     """README's results table: one row per student, regime and method, over the seeds done; each
-    method beside the scratch twins of its own budget. ``split="val"``: validation accuracy, the
-    figure recipes are chosen by (the test split's figures are then left out)."""
+    seed beside the scratch twin its own run trained (with the method's budget). ``split="val"``:
+    validation accuracy, the figure recipes are chosen by (the test split's figures are then left out)."""
     from softkd.report.summary import outcome, stats  # imports torch: only here
 
     matrix = load_matrix(matrix_path)
@@ -221,32 +213,34 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     key, teacher_key = ("accuracy", "teacher_accuracy") if split == "test" else ("val_accuracy", None)
     lines = [f"| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
              f"| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    mixed = []
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:
             methods = {**student_methods(matrix, spec), **({"recipe": spec["recipe"]} if spec.get("recipe") else {})}
-            for method, settings in methods.items():
-                scratch_name = scratch_method(budget_of(matrix, settings))
-                pairs = [(by_name.get(f"{student}/{regime}/{scratch_name}/{s}"),
-                          by_name.get(f"{student}/{regime}/{method}/{s}")) for s in matrix["seeds"]]
-                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            for method in methods:
+                done = [c for c in (by_name.get(f"{student}/{regime}/{method}/{s}") for s in matrix["seeds"]) if c]
                 label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
-                if not pairs:
+                if not done:
                     lines.append(f"| {label} | {regime} | {method} | | | | | | not run yet | 0 | |")
                     continue
-                scratch = stats([a[key] for a, _ in pairs])
-                distilled = stats([b[key] for _, b in pairs])
-                teacher = pairs[0][1][teacher_key] if teacher_key else None  # no teacher score on validation
+                scratch, distilled = stats([c["twin"][key] for c in done]), stats([c[key] for c in done])
+                teacher = done[0][teacher_key] if teacher_key else None  # no teacher score on validation
                 change = distilled["mean"] - scratch["mean"]
                 gap = change / (teacher - scratch["mean"]) if teacher is not None and teacher > scratch["mean"] else None
-                minutes = [b["train_s"] / 60 for _, b in pairs if b.get("train_s") is not None]
+                minutes = [c["train_s"] / 60 for c in done if c.get("train_s") is not None]
                 if method.startswith("auto"):  # every candidate run is the search's cost
-                    minutes = [(b["search"]["train_s"]) / 60 for _, b in pairs if "search" in b]
+                    minutes = [c["search"]["train_s"] / 60 for c in done if "search" in c]
+                if len({c.get("cpu_kernels") for c in done}) > 1:
+                    mixed.append(f"{student} {regime} {method}")
                 lines.append(
                     f"| {label} | {regime} | {method} | {'' if teacher is None else f'{100 * teacher:.1f}'} "
                     f"| {_ms(scratch)} | {_ms(distilled)} "
                     f"| {100 * change:+.1f} | {'n/a' if gap is None else f'{100 * gap:.0f} %'} "
-                    f"| {_verdict(outcome(scratch, distilled)[0])} | {len(pairs)} "
+                    f"| {_verdict(outcome(scratch, distilled)[0])} | {len(done)} "
                     f"| {_mean(minutes):.1f}{' (all candidates)' if method.startswith('auto') else ''} |")
+    if mixed:
+        lines.append(f"\nSeeds run on different CPU kernel sets (each cell's `cpu_kernels`) in: {'; '.join(mixed)}. "
+                     "Each seed's change is against the scratch twin of its own run.")
     return "\n".join(lines)
 
 

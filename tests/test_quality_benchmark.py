@@ -44,12 +44,14 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     assert [line.split(":")[0] for line in first.splitlines() if line.startswith("mlp-16")] == [
         "mlp-16/10%/soft-target/0", "mlp-16/10%/auto/0", "mlp-16/10%/recipe/0"]
     saved = json.loads((tmp_path / "q.json").read_text())["cells"]
-    assert sorted(c["name"] for c in saved) == ["mlp-16/10%/auto/0", "mlp-16/10%/recipe/0", "mlp-16/10%/scratch/0",
-                                                "mlp-16/10%/soft-target/0"]
+    assert sorted(c["name"] for c in saved) == ["mlp-16/10%/auto/0", "mlp-16/10%/recipe/0", "mlp-16/10%/soft-target/0"]
     by_name = {c["name"]: c for c in saved}
     assert by_name["mlp-16/10%/recipe/0"]["settings"]["temperature"] == 2.0
     assert by_name["mlp-16/10%/auto/0"]["chosen"] in {"scratch", "soft-target-temperature2", "soft-target-temperature4"}
-    assert 0.1 < by_name["mlp-16/10%/scratch/0"]["accuracy"] <= 1 and by_name["mlp-16/10%/scratch/0"]["train_s"] > 0
+    twin = by_name["mlp-16/10%/soft-target/0"]["twin"]  # the scratch student its run trained beside it
+    stamp = json.loads((tmp_path / "runs" / "mlp-16-10pct" / "students" / "scratch-labels0.1-seed0.json").read_text())
+    assert twin["accuracy"] == stamp["result"]["accuracy"] and 0.1 < twin["accuracy"] <= 1 and twin["train_s"] > 0
+    assert by_name["mlp-16/10%/auto/0"]["twin"] == twin  # soft-target and auto share the folder's scratch student
 
     again = _quality("run", *paths, "--out", tmp_path / "runs", "--only", "/10%/", "--only", "/0")
     assert again == ""  # every selected cell is done: nothing runs twice
@@ -62,7 +64,7 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     assert all("not run yet" in r for key, r in rows.items() if key.endswith(" all"))
     assert "| 2 |" in rows["soft-target 10%"] and "| 1 |" in rows["auto 10%"] and "| 1 |" in rows["recipe 10%"]
     cells = {c["name"]: c for c in json.loads((tmp_path / "q.json").read_text())["cells"]}
-    scratch = [cells[f"mlp-16/10%/scratch/{s}"]["accuracy"] for s in (0, 1)]
+    scratch = [cells[f"mlp-16/10%/soft-target/{s}"]["twin"]["accuracy"] for s in (0, 1)]
     distilled = [cells[f"mlp-16/10%/soft-target/{s}"]["accuracy"] for s in (0, 1)]
     change = 100 * (sum(distilled) - sum(scratch)) / 2
     assert f"| {100 * sum(scratch) / 2:.1f} ± " in rows["soft-target 10%"]
@@ -96,24 +98,25 @@ def test_a_method_with_a_budget_is_compared_with_a_scratch_twin_of_that_budget(t
     assert _quality("plan", *paths).splitlines()[-1] == "0 of 2 cells done"  # "unused" is not the student's
     _quality("run", *paths, "--out", tmp_path / "runs")
     cells = {c["name"]: c for c in json.loads((tmp_path / "q.json").read_text())["cells"]}
-    assert sorted(cells) == ["mlp-16/all/longer/0", "mlp-16/all/scratch/0", "mlp-16/all/scratch@longer/0",
-                             "mlp-16/all/soft-target/0"]
+    assert sorted(cells) == ["mlp-16/all/longer/0", "mlp-16/all/soft-target/0"]
     # the budget's cells trained in their own folder, both students with the budget's 3 epochs
-    for kind, name in (("scratch", "scratch@longer"), ("distilled", "longer")):
+    for kind, recorded in (("scratch", cells["mlp-16/all/longer/0"]["twin"]), ("distilled", cells["mlp-16/all/longer/0"])):
         stamp = json.loads((tmp_path / "runs" / "mlp-16-all-longer" / "students" / f"{kind}-labels1-seed0.json")
                            .read_text())
-        assert stamp["result"]["accuracy"] == cells[f"mlp-16/all/{name}/0"]["accuracy"]
+        assert stamp["result"]["accuracy"] == recorded["accuracy"]
         epochs = [json.loads(line)["epoch"] for line in (tmp_path / "runs" / "mlp-16-all-longer" / "metrics.jsonl")
                   .read_text().splitlines() if json.loads(line).get("stage") == kind and "val_accuracy" in line]
         assert max(epochs) == 3, (kind, epochs)
-    assert cells["mlp-16/all/scratch@longer/0"]["budget"] == "longer"
+    assert cells["mlp-16/all/longer/0"]["budget"] == "longer"
+    base = json.loads((tmp_path / "runs" / "mlp-16-all" / "students" / "scratch-labels1-seed0.json").read_text())
+    assert cells["mlp-16/all/soft-target/0"]["twin"]["accuracy"] == base["result"]["accuracy"]
     rows = {line.split(" | ")[2]: line for line in _quality("table", *paths).splitlines() if line.startswith("| mlp-16")}
-    for method, scratch in (("longer", "scratch@longer"), ("soft-target", "scratch")):
-        change = 100 * (cells[f"mlp-16/all/{method}/0"]["accuracy"] - cells[f"mlp-16/all/{scratch}/0"]["accuracy"])
+    for method in ("longer", "soft-target"):
+        change = 100 * (cells[f"mlp-16/all/{method}/0"]["accuracy"] - cells[f"mlp-16/all/{method}/0"]["twin"]["accuracy"])
         assert f"| {change:+.1f} |" in rows[method], rows[method]
     val = {line.split(" | ")[2]: line for line in _quality("table", *paths, "--split", "val").splitlines()
            if line.startswith("| mlp-16")}
-    assert f"| {100 * cells['mlp-16/all/scratch@longer/0']['val_accuracy']:.1f} ± " in val["longer"]
+    assert f"| {100 * cells['mlp-16/all/longer/0']['twin']['val_accuracy']:.1f} ± " in val["longer"]
 
     matrix["methods"]["longer"]["train"] = {"epochs": 5}  # outside a budget: its scratch twin would not share it
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
@@ -121,10 +124,52 @@ def test_a_method_with_a_budget_is_compared_with_a_scratch_twin_of_that_budget(t
     assert result.returncode != 0 and "put data, train and cache settings in a named entry of 'budgets'" in result.stderr
 
 
-def test_each_recipe_config_trains_what_the_matrix_measured():
+def _module():
     spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
+    return quality
+
+
+def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
+    # soft-target and auto share a run folder and so, on one machine, a scratch twin; a cell rerun on
+    # another machine trains another twin, and must not move the row of the method it did not run
+    quality = _module()
+    matrix = {"seeds": [0, 1], "regimes": {"all": 1.0},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 1}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": "t", "config": "t.yaml"}},
+              "students": {"mlp-16": {"teacher": "small"}},
+              "methods": {"soft-target": {"method": {"name": "soft-target"}}, "auto": {"method": {"name": "auto"}}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix))
+    results = tmp_path / "q.json"
+
+    def cell(method, seed, accuracy, twin, kernels):
+        return {"name": f"mlp-16/all/{method}/{seed}", "student": "mlp-16", "regime": "all", "method": method,
+                "seed": seed, "teacher_accuracy": 0.95, "cpu_kernels": kernels, "accuracy": accuracy,
+                "val_accuracy": accuracy, "train_s": 60.0, "search": {"train_s": 300.0},
+                "twin": {"accuracy": twin, "val_accuracy": twin, "train_s": 60.0}}
+
+    for seed in (0, 1):
+        for method in ("soft-target", "auto"):
+            quality._save(results, cell(method, seed, 0.90, 0.88, "AVX512"), tmp_path / "m.yaml")
+
+    def rows():
+        return {line.split(" | ")[2]: line for line in quality.table(tmp_path / "m.yaml", results).splitlines()
+                if line.startswith("| mlp-16")}
+
+    before = rows()
+    assert "| 88.0 ± 0.0 | 90.0 ± 0.0 | +2.0 |" in before["soft-target"] and "kernel" not in "".join(before.values())
+    quality._save(results, cell("auto", 1, 0.89, 0.85, "AVX2"), tmp_path / "m.yaml")  # rerun elsewhere
+    after = rows()
+    assert after["soft-target"] == before["soft-target"]
+    assert "| 86.5 ± 2.1 | 89.5 ± 0.7 | +3.0 |" in after["auto"], after["auto"]
+    assert quality.table(tmp_path / "m.yaml", results).endswith(
+        "different CPU kernel sets (each cell's `cpu_kernels`) in: mlp-16 all auto. "
+        "Each seed's change is against the scratch twin of its own run.")
+
+
+def test_each_recipe_config_trains_what_the_matrix_measured():
+    quality = _module()
     root = SCRIPT.parents[1]
     matrix = quality.load_matrix(root / "benchmarks" / "quality.yaml")
     recipes = {s: spec for s, spec in matrix["students"].items() if spec.get("recipe")}
