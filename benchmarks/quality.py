@@ -2,7 +2,7 @@
 regimes × methods × seeds, each distilled student beside its equal-budget scratch twin.
 
     python benchmarks/quality.py plan  [--matrix benchmarks/quality.yaml] [--results benchmarks/results/quality.json]
-    python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...]
+    python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...] [--device cuda]
     python benchmarks/quality.py table [--matrix ...] [--results ...] [--split test|val]
     python benchmarks/quality.py search --results RESULTS [--results ...] [--seed 0]
 
@@ -118,7 +118,7 @@ def folder_of(matrix: dict, cell: dict, out: Path) -> Path:
     return out / (f"{cell['student']}-{cell['regime'].replace('%', 'pct')}" + (f"-{budget}" if budget else ""))
 
 
-def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
+def run(matrix_path: Path, results: Path, out: Path, only: list[str], device: str | None = None) -> None:
     matrix = load_matrix(matrix_path)
     done = {c["name"] for c in _load(results)["cells"]}
     todo = [c for c in cells(matrix) if c["name"] not in done and all(text in c["name"] for text in only)]
@@ -132,7 +132,10 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         config = out / "configs" / (cell["name"].replace("/", "_").replace("%", "pct") + ".yaml")
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(run_config(matrix, cell, ROOT, out), sort_keys=False))
+        settings = run_config(matrix, cell, ROOT, out)
+        if device is not None:
+            settings["train"]["device"] = device
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", str(config), "--out", str(folder)],
                               cwd=ROOT, env=env, capture_output=True, text=True)
@@ -310,6 +313,9 @@ def main() -> None:
         if verb == "run":
             p.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
             p.add_argument("--only", action="append", default=[], metavar="TEXT")
+            p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None,
+                           help="train on this device (default: the matrix's, else softkd's auto); "
+                                "give a GPU run its own --results, so its cells are not mixed with CPU ones")
     p = sub.add_parser("search", help="validation accuracies of every search cell (how recipes were chosen)")
     p.add_argument("--results", type=Path, action="append", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -318,7 +324,7 @@ def main() -> None:
     if args.verb == "search":
         _show(search_table(args.results, args.seed), args.write, "search")
     elif args.verb == "run":
-        run(args.matrix.resolve(), args.results, args.out.resolve(), args.only)
+        run(args.matrix.resolve(), args.results, args.out.resolve(), args.only, args.device)
     elif args.verb == "plan":
         print(plan(args.matrix, args.results))
     else:

@@ -217,3 +217,41 @@ def test_stopping_the_benchmark_stops_the_cell_it_runs(tmp_path):
     else:
         raise AssertionError(f"softkd run {child} still runs after its benchmark was stopped")
     assert not (tmp_path / "q.json").exists()  # the unfinished cell is not recorded
+
+
+def test_the_gpu_script_runs_what_fits_its_time_budget_then_prints_the_table(tmp_path):
+    # QUALITY_DEVICE=cpu: the same script a GPU call runs; a cell still training at the budget is
+    # stopped and left out, the cells before it are kept, and the table is printed either way
+    (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 1, batch_size: 128}\n")
+    matrix = {"seeds": [0], "regimes": {"all": 1.0},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64, "threads": 1},
+                       "output": {"latency": False}},
+              "budgets": {"slow": {"train": {"epochs": 400, "batch_size": 8}}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": str(tmp_path / "teacher"),
+                                     "config": str(tmp_path / "teacher.yaml")}},
+              "students": {"mlp-16": {"teacher": "small"}},
+              "methods": {"soft-target": {"method": {"name": "soft-target"}},
+                          "slow": {"budget": "slow", "method": {"name": "soft-target"}}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    script = SCRIPT.parent / "gpu_quality.sh"
+    env = {"OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path),
+           "QUALITY_DEVICE": "cpu", "PYTHON": sys.executable}
+
+    def call(budget, *args):
+        result = subprocess.run(["bash", str(script), "--matrix", str(tmp_path / "m.yaml"), "--out",
+                                 str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=600,
+                                env={**env, "QUALITY_BUDGET_S": str(budget)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    first = call(600, "--only", "/soft-target/")
+    assert "stopped at the" not in first and "| mlp-16 (tinycnn-8) | all | soft-target |" in first
+    (cell,) = json.loads((tmp_path / "quality-gpu.json").read_text())["cells"]
+    assert cell["name"] == "mlp-16/all/soft-target/0" and cell["device"].startswith("cpu")
+    written = yaml.safe_load((tmp_path / "runs" / "configs" / "mlp-16_all_soft-target_0.yaml").read_text())
+    assert written["train"]["device"] == "cpu"  # QUALITY_DEVICE, passed as quality.py run --device
+    second = call(10)  # the slow cell trains far longer than 10 s
+    assert "stopped at the 10 s budget" in second
+    assert [c["name"] for c in json.loads((tmp_path / "quality-gpu.json").read_text())["cells"]] == [cell["name"]]
+    rows = [line for line in second.splitlines() if line.startswith("| mlp-16")]
+    assert "not run yet" in rows[1] and "| 1 |" in rows[0]
