@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from softkd.cascade import calibrate_run
-from softkd.export import list_students
+from softkd.runs import list_students
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = "fewest deferrals from which the validation curve stays at or above the target up to its best"

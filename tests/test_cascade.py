@@ -184,7 +184,7 @@ def test_softkd_cascade_reports_both_students_against_the_teacher(run, calibrate
 
 def test_the_chosen_cascade_scores_on_test_as_the_module_does(run, calibrated):
     from softkd.cascade.calibrate import load_run_teacher
-    from softkd.export import run_dir_config, load_run_student
+    from softkd.runs import load_run_student, run_dir_config
 
     _, result = calibrated
     s = result["students"]["distilled"]
@@ -262,7 +262,7 @@ def test_a_run_without_a_validation_split_is_refused(tmp_path):
 def test_the_onnx_cascade_matches_the_pytorch_one_and_a_failed_export_keeps_the_old(run, calibrated, monkeypatch):
     pytest.importorskip("onnxruntime")
     from softkd.cascade.calibrate import load_run_teacher
-    from softkd.export import run_dir_config, load_run_student
+    from softkd.runs import load_run_student, run_dir_config
 
     made = export_cascade(run)
     folder = run / "export" / "cascade"

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from softkd.cli import app
 from softkd.config import config_from_dict
-from softkd.export import MIN_AGREEMENT, export_student, list_students, load_exported, load_student
+from softkd.export import MIN_AGREEMENT, export_student, load_exported
+from softkd.runs import list_students, load_student
 from softkd.models.zoo import build_model, count_params
 from softkd.pipeline import run_experiment
 from softkd.report.curves import best_validation

@@ -10,7 +10,8 @@ from softkd.errors import SoftKDError
 from softkd.evaluate.checkpoint import evaluate_checkpoint
 from softkd.evaluate.metrics import detailed_metrics, evaluate
 from softkd.evaluate.speed import time_models
-from softkd.export import export_student, list_students, load_exported, load_student
+from softkd.export import export_student, load_exported
+from softkd.runs import list_students, load_student
 from softkd.losses import kd_objective, soft_target_kl, soften, validate_soft_targets
 from softkd.methods import (DIST, DKD, Feature, Method, MethodParams, MultiTeacher, Mutual, SoftTarget, Supervised,
                             build_method, build_objective)

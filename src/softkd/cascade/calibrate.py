@@ -16,7 +16,8 @@ from torch import nn
 
 from softkd.cascade.model import Cascade, cascade_curve, combine, pick_point
 from softkd.errors import ConfigError, DataError
-from softkd.export import predict_in_batches, run_dir_config, list_students, load_run_student
+from softkd.export import predict_in_batches
+from softkd.runs import list_students, load_run_student, run_dir_config
 from softkd.models.loading import resolve_model
 from softkd.models.weights import load_weights
 from softkd.train.runtime import describe_device

@@ -19,7 +19,8 @@ from softkd.cascade.calibrate import load_run_teacher
 from softkd.cascade.model import CONFIDENCES, combine, confidence, defer
 from softkd.errors import DataError
 from softkd.evaluate.speed import OnnxModel
-from softkd.export import MIN_AGREEMENT, ExportError, run_dir_config, load_run_student, write_onnx
+from softkd.export import MIN_AGREEMENT, ExportError, write_onnx
+from softkd.runs import load_run_student, run_dir_config
 from softkd.utils import atomic_write_text
 
 

@@ -53,7 +53,8 @@ def export(
     Examples: softkd export runs/demo; softkd export runs/demo --list;
     softkd export runs/mutual --student peer1 --format pt2
     """
-    from softkd.export import export_student, list_students
+    from softkd.export import export_student
+    from softkd.runs import list_students
 
     if list_:
         _list_students(list_students(run_dir))

@@ -14,7 +14,8 @@ from softkd.config import RunConfig, load_config
 from softkd.data.datasets import Splits, load_splits, run_splits
 from softkd.errors import DataError, ShapeMismatchError
 from softkd.evaluate.metrics import detailed_metrics
-from softkd.export import FORMATS, CONSTRUCTION_KEY, build_run_student, list_students, load_exported, predict_in_batches
+from softkd.export import CONSTRUCTION_KEY, FORMATS, load_exported, predict_in_batches
+from softkd.runs import build_run_student, list_students
 from softkd.models.loading import check_num_classes, resolve_model
 from softkd.models.weights import load_weights
 
