@@ -11,13 +11,15 @@ cell is one (student, regime, method, seed); `run` runs each missing cell as `so
 config it writes (the matrix's base, the student's teacher checkpoint, the regime, the method, one
 seed) into one folder per student and regime, so the scratch twin, the soft-label cache and the
 teacher's test pass are shared by the methods; it adds the cell to the results JSON as soon as it
-finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), so a long
-CPU run can stop anywhere and continue later, and a cell rerun elsewhere (another CPU's kernels
-give another scratch twin) changes only its own row. A teacher whose weights are missing is trained first (`softkd teacher`, resumable).
+finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), so a
+long CPU run can stop anywhere and continue later, and a cell rerun elsewhere (another CPU's
+kernels give another scratch twin) changes only its own row. A teacher whose weights are missing
+is trained first (`softkd teacher`, resumable).
 `--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
 A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
 `train` and `cache`, such as more epochs or cached augmented views); its cells then train in their
-own folder (`<student>-<regime>-<budget>`) beside their own scratch twins with the same budget, so a recipe is never compared with a scratch student trained less.
+own folder (`<student>-<regime>-<budget>`) beside their own scratch twins with the same budget, so
+a recipe is never compared with a scratch student trained less.
 `table` renders README's table from the JSON: mean ± std over the seeds done, the change against
 the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
 the training time per student. Selection (auto, recipes) only ever reads the validation split.
@@ -49,9 +51,8 @@ def load_matrix(path: Path) -> dict:
     for settings in matrix["methods"].values():
         budget_of(matrix, settings)
     for spec in matrix["students"].values():
-        student_methods(matrix, spec)
-        if spec.get("recipe"):
-            budget_of(matrix, spec["recipe"])
+        for settings in student_methods(matrix, spec).values():  # the recipe's budget too
+            budget_of(matrix, settings)
     return matrix
 
 
@@ -61,10 +62,7 @@ def cells(matrix: dict) -> list[dict]:
     for seed in matrix["seeds"]:
         for student, spec in matrix["students"].items():
             for regime in matrix["regimes"]:
-                methods = student_methods(matrix, spec)
-                if spec.get("recipe"):
-                    methods["recipe"] = spec["recipe"]
-                for method, settings in methods.items():
+                for method, settings in student_methods(matrix, spec).items():
                     found.append({"name": f"{student}/{regime}/{method}/{seed}", "student": student,
                                   "regime": regime, "method": method, "seed": seed, "settings": settings})
     return found
@@ -84,12 +82,13 @@ def budget_of(matrix: dict, settings: dict) -> str | None:
 
 
 def student_methods(matrix: dict, spec: dict) -> dict:
-    """The matrix's methods a student runs: all, or those its ``methods`` list names."""
+    """The matrix's methods a student runs (all, or those its ``methods`` list names), then its
+    ``recipe`` as method "recipe" where it has one."""
     names = spec.get("methods", list(matrix["methods"]))
     unknown = [n for n in names if n not in matrix["methods"]]
     if unknown:
         raise SystemExit(f"Unknown methods {unknown} for a student; the matrix's methods are {sorted(matrix['methods'])}.")
-    return {n: matrix["methods"][n] for n in names}
+    return {**{n: matrix["methods"][n] for n in names}, **({"recipe": spec["recipe"]} if spec.get("recipe") else {})}
 
 
 def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
@@ -219,8 +218,7 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     mixed = []
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:
-            methods = {**student_methods(matrix, spec), **({"recipe": spec["recipe"]} if spec.get("recipe") else {})}
-            for method in methods:
+            for method in student_methods(matrix, spec):
                 done = [c for c in (by_name.get(f"{student}/{regime}/{method}/{s}") for s in matrix["seeds"]) if c]
                 label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
                 if not done:
