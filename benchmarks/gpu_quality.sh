@@ -28,5 +28,6 @@ fi
 matrix=()
 for ((i = 1; i <= $#; i++)); do  # the table of the same matrix
   if [ "${!i}" = --matrix ]; then j=$((i + 1)); matrix=(--matrix "${!j}"); fi
+  if [[ "${!i}" == --matrix=* ]]; then matrix=("${!i}"); fi
 done
 "$PY" benchmarks/quality.py table --results "$results" "${matrix[@]}"

@@ -19,7 +19,10 @@ is trained first (`softkd teacher`, resumable).
 A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
 `train` and `cache`, such as more epochs or cached augmented views); its cells then train in their
 own folder (`<student>-<regime>-<budget>`) beside their own scratch twins with the same budget, so
-a recipe is never compared with a scratch student trained less.
+a recipe is never compared with a scratch student trained less. A student's recipe (method
+"recipe") is one for every regime, or one per regime where each regime's validation split chose its
+own. A cell whose recorded settings differ from what the matrix now names (a recipe changed) is
+stale: `plan` says so, `table` leaves it out and `run` reruns it.
 `table` renders README's table from the JSON: mean ± std over the seeds done, the change against
 the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
 the training time per student. Selection (auto, recipes) only ever reads the validation split.
@@ -50,9 +53,15 @@ def load_matrix(path: Path) -> dict:
     matrix = yaml.safe_load(path.read_text())
     for settings in matrix["methods"].values():
         budget_of(matrix, settings)
-    for spec in matrix["students"].values():
-        for settings in student_methods(matrix, spec).values():  # the recipe's budget too
-            budget_of(matrix, settings)
+    for student, spec in matrix["students"].items():
+        recipe = spec.get("recipe") or {}
+        unknown = [] if "method" in recipe else [r for r in recipe if r not in matrix["regimes"]]
+        if unknown:
+            raise SystemExit(f"Student {student}'s recipe names regimes {unknown}; the matrix's regimes are "
+                             f"{list(matrix['regimes'])} (a recipe is one method with its budget, or one per regime).")
+        for regime in matrix["regimes"]:
+            for settings in student_methods(matrix, spec, regime).values():  # the recipe's budget too
+                budget_of(matrix, settings)
     return matrix
 
 
@@ -62,7 +71,7 @@ def cells(matrix: dict) -> list[dict]:
     for seed in matrix["seeds"]:
         for student, spec in matrix["students"].items():
             for regime in matrix["regimes"]:
-                for method, settings in student_methods(matrix, spec).items():
+                for method, settings in student_methods(matrix, spec, regime).items():
                     found.append({"name": f"{student}/{regime}/{method}/{seed}", "student": student,
                                   "regime": regime, "method": method, "seed": seed, "settings": settings})
     return found
@@ -81,14 +90,36 @@ def budget_of(matrix: dict, settings: dict) -> str | None:
     return name
 
 
-def student_methods(matrix: dict, spec: dict) -> dict:
+def student_methods(matrix: dict, spec: dict, regime: str) -> dict:
     """The matrix's methods a student runs (all, or those its ``methods`` list names), then its
-    ``recipe`` as method "recipe" where it has one."""
+    recipe for ``regime`` as method "recipe" where it has one."""
     names = spec.get("methods", list(matrix["methods"]))
     unknown = [n for n in names if n not in matrix["methods"]]
     if unknown:
         raise SystemExit(f"Unknown methods {unknown} for a student; the matrix's methods are {sorted(matrix['methods'])}.")
-    return {**{n: matrix["methods"][n] for n in names}, **({"recipe": spec["recipe"]} if spec.get("recipe") else {})}
+    recipe = recipe_of(spec, regime)
+    return {**{n: matrix["methods"][n] for n in names}, **({"recipe": recipe} if recipe else {})}
+
+
+def recipe_of(spec: dict, regime: str, key: str = "recipe"):
+    """A student's recipe for ``regime`` (``key="recipe_config"``: the config that trains it): one
+    for every regime (a method with its budget; a config path), or one per regime, keyed by the
+    regime's name, where each label regime's validation split chose its own."""
+    value = spec.get(key)
+    if value is None or isinstance(value, str) or (key == "recipe" and "method" in value):
+        return value
+    return value.get(regime)
+
+
+def stale(done: dict, cell: dict) -> bool:
+    """Whether a finished cell ran other settings than the matrix now names for it (a recipe
+    changed): its method differs in a setting the matrix gives, or its budget differs. A cell that
+    recorded no settings cannot be told apart, and counts as current."""
+    recorded = done.get("settings")
+    if recorded is None:
+        return False
+    return (done.get("budget") != cell["settings"].get("budget")
+            or any(recorded.get(k) != v for k, v in cell["settings"]["method"].items()))
 
 
 def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
@@ -119,8 +150,9 @@ def folder_of(matrix: dict, cell: dict, out: Path) -> Path:
 
 def run(matrix_path: Path, results: Path, out: Path, only: list[str], device: str | None = None) -> None:
     matrix = load_matrix(matrix_path)
-    done = {c["name"] for c in _load(results)["cells"]}
-    todo = [c for c in cells(matrix) if c["name"] not in done and all(text in c["name"] for text in only)]
+    done = {c["name"]: c for c in _load(results)["cells"]}
+    todo = [c for c in cells(matrix) if (c["name"] not in done or stale(done[c["name"]], c))
+            and all(text in c["name"] for text in only)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # `kill PID` stops the cell's `softkd run` too (subprocess.run kills its child on an exception):
     # an orphaned run would go on writing the folder the next `run` trains in
@@ -198,10 +230,15 @@ def _save(results: Path, cell: dict, matrix_path: Path) -> None:
 
 def plan(matrix_path: Path, results: Path) -> str:
     matrix = load_matrix(matrix_path)
-    done = {c["name"] for c in _load(results)["cells"]}
+    done = {c["name"]: c for c in _load(results)["cells"]}
     every = cells(matrix)
-    lines = [f"{'done' if c['name'] in done else 'todo'}  {c['name']}" for c in every]
-    return "\n".join(lines + [f"{sum(c['name'] in done for c in every)} of {len(every)} cells done"])
+    state = {c["name"]: "todo" if c["name"] not in done else "stale" if stale(done[c["name"]], c) else "done"
+             for c in every}
+    lines = [f"{state[c['name']]:<5} {c['name']}" for c in every]
+    n_stale = sum(s == "stale" for s in state.values())
+    return "\n".join(lines + [f"{sum(s == 'done' for s in state.values())} of {len(every)} cells done"
+                              + (f" ({n_stale} stale: run with other settings than the matrix now names; "
+                                 "`run` reruns them)" if n_stale else "")])
 
 
 def table(matrix_path: Path, results: Path, split: str = "test") -> str:
@@ -218,8 +255,9 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     mixed = []
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:
-            for method in student_methods(matrix, spec):
-                done = [c for c in (by_name.get(f"{student}/{regime}/{method}/{s}") for s in matrix["seeds"]) if c]
+            for method, settings in student_methods(matrix, spec, regime).items():
+                done = [c for c in (by_name.get(f"{student}/{regime}/{method}/{s}") for s in matrix["seeds"])
+                        if c and not stale(c, {"settings": settings})]
                 label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
                 if not done:
                     lines.append(f"| {label} | {regime} | {method} | | | | | | not run yet | 0 | |")

@@ -168,16 +168,69 @@ def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
         "Each seed's change is against the scratch twin of its own run.")
 
 
+def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_its_cells(tmp_path):
+    quality = _module()
+    few = {"budget": "longer", "method": {"name": "soft-target", "temperature": 4.0, "beta": 1.0}}
+    matrix = {"seeds": [0], "regimes": {"all": 1.0, "10%": 0.1},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 1}},
+              "budgets": {"longer": {"train": {"epochs": 3}}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": "t", "config": "t.yaml"}},
+              "students": {"mlp-16": {"teacher": "small", "methods": [], "recipe": {
+                  "all": {"method": {"name": "soft-target", "temperature": 2.0, "beta": 0.5}}, "10%": few}}},
+              "methods": {"soft-target": {"method": {"name": "soft-target"}}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    by_name = {c["name"]: c for c in quality.cells(quality.load_matrix(tmp_path / "m.yaml"))}
+    assert sorted(by_name) == ["mlp-16/10%/recipe/0", "mlp-16/all/recipe/0"]
+    assert by_name["mlp-16/10%/recipe/0"]["settings"] == few
+    config = quality.run_config(matrix, by_name["mlp-16/10%/recipe/0"], tmp_path, tmp_path / "runs")
+    assert config["train"]["epochs"] == 3 and config["method"]["beta"] == 1.0 and config["data"]["labeled_fraction"] == 0.1
+    assert config_from_dict(quality.run_config(matrix, by_name["mlp-16/all/recipe/0"], tmp_path, tmp_path)).train.epochs == 1
+
+    def done(regime, method, budget=None):  # a finished cell as `run` records it
+        return {"name": f"mlp-16/{regime}/recipe/0", "student": "mlp-16", "regime": regime, "method": "recipe",
+                "seed": 0, "teacher_accuracy": 0.95, "accuracy": 0.9, "val_accuracy": 0.9, "train_s": 60.0,
+                "settings": {**method, "kd_scale": 1.0}, **({"budget": budget} if budget else {}),
+                "twin": {"accuracy": 0.85, "val_accuracy": 0.85, "train_s": 60.0}}
+
+    results = tmp_path / "q.json"
+    quality._save(results, done("all", matrix["students"]["mlp-16"]["recipe"]["all"]["method"]), tmp_path / "m.yaml")
+    quality._save(results, done("10%", few["method"], "longer"), tmp_path / "m.yaml")
+    assert quality.plan(tmp_path / "m.yaml", results).splitlines()[-1] == "2 of 2 cells done"
+
+    # the 10% regime's validation split now chooses another recipe: its cell ran other settings
+    matrix["students"]["mlp-16"]["recipe"]["10%"] = {"budget": "longer", "method": {"name": "soft-target", "temperature": 2.0}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    assert quality.plan(tmp_path / "m.yaml", results).splitlines() == [
+        "done  mlp-16/all/recipe/0", "stale mlp-16/10%/recipe/0",
+        "1 of 2 cells done (1 stale: run with other settings than the matrix now names; `run` reruns them)"]
+    rows = {line.split(" | ")[1]: line for line in quality.table(tmp_path / "m.yaml", results).splitlines()
+            if line.startswith("| mlp-16")}
+    assert "not run yet" in rows["10%"] and "| +5.0 |" in rows["all"]  # the stale cell is left out
+    del matrix["students"]["mlp-16"]["recipe"]["10%"]["budget"]  # same method, the base budget: stale too
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    assert "stale mlp-16/10%/recipe/0" in quality.plan(tmp_path / "m.yaml", results)
+
+    matrix["students"]["mlp-16"]["recipe"] = {"3%": few}  # a regime the matrix does not have
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    result = subprocess.run([sys.executable, str(SCRIPT), "plan", "--matrix", str(tmp_path / "m.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "recipe names regimes ['3%']" in result.stderr
+
+
 def test_each_recipe_config_trains_what_the_matrix_measured():
     quality = _module()
     root = SCRIPT.parents[1]
     matrix = quality.load_matrix(root / "benchmarks" / "quality.yaml")
     recipes = {s: spec for s, spec in matrix["students"].items() if spec.get("recipe")}
-    assert recipes and all(spec.get("recipe_config") for spec in recipes.values())
+    assert recipes
     for student, spec in recipes.items():
-        config = load_config(root / spec["recipe_config"])
         for regime, fraction in matrix["regimes"].items():
-            cell = {"student": student, "regime": regime, "seed": 0, "settings": spec["recipe"]}
+            recipe, path = quality.recipe_of(spec, regime), quality.recipe_of(spec, regime, "recipe_config")
+            assert (recipe is None) == (path is None), (student, regime)  # every recipe has its config
+            if recipe is None:
+                continue
+            config = load_config(root / path)
+            cell = {"student": student, "regime": regime, "seed": 0, "settings": recipe}
             measured = config_from_dict(quality.run_config(matrix, cell, root, root / "runs"))
             assert fraction in config.data.fractions and set(matrix["seeds"]) <= set(config.train.seeds)
             assert config.method == measured.method, student
@@ -238,19 +291,19 @@ def test_the_gpu_script_runs_what_fits_its_time_budget_then_prints_the_table(tmp
            "QUALITY_DEVICE": "cpu", "PYTHON": sys.executable}
 
     def call(budget, *args):
-        result = subprocess.run(["bash", str(script), "--matrix", str(tmp_path / "m.yaml"), "--out",
-                                 str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=600,
+        result = subprocess.run(["bash", str(script), "--out", str(tmp_path / "runs"), *args],
+                                capture_output=True, text=True, timeout=600,
                                 env={**env, "QUALITY_BUDGET_S": str(budget)})
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
-    first = call(600, "--only", "/soft-target/")
+    first = call(600, "--matrix", tmp_path / "m.yaml", "--only", "/soft-target/")
     assert "stopped at the" not in first and "| mlp-16 (tinycnn-8) | all | soft-target |" in first
     (cell,) = json.loads((tmp_path / "quality-gpu.json").read_text())["cells"]
     assert cell["name"] == "mlp-16/all/soft-target/0" and cell["device"].startswith("cpu")
     written = yaml.safe_load((tmp_path / "runs" / "configs" / "mlp-16_all_soft-target_0.yaml").read_text())
     assert written["train"]["device"] == "cpu"  # QUALITY_DEVICE, passed as quality.py run --device
-    second = call(10)  # the slow cell trains far longer than 10 s
+    second = call(10, f"--matrix={tmp_path / 'm.yaml'}")  # the slow cell trains far longer than 10 s
     assert "stopped at the 10 s budget" in second
     assert [c["name"] for c in json.loads((tmp_path / "quality-gpu.json").read_text())["cells"]] == [cell["name"]]
     rows = [line for line in second.splitlines() if line.startswith("| mlp-16")]
