@@ -113,13 +113,18 @@ def recipe_of(spec: dict, regime: str, key: str = "recipe"):
 
 def stale(done: dict, cell: dict) -> bool:
     """Whether a finished cell ran other settings than the matrix now names for it (a recipe
-    changed): its method differs in a setting the matrix gives, or its budget differs. A cell that
-    recorded no settings cannot be told apart, and counts as current."""
+    changed): its method differs in a setting the matrix gives (the run records the others too, with
+    their defaults), or its budget differs. A cell that recorded no settings cannot be told apart,
+    and counts as current."""
+    def differs(recorded, given) -> bool:
+        if isinstance(given, dict) and isinstance(recorded, dict):
+            return any(differs(recorded.get(k), v) for k, v in given.items())
+        return recorded != given
+
     recorded = done.get("settings")
     if recorded is None:
         return False
-    return (done.get("budget") != cell["settings"].get("budget")
-            or any(recorded.get(k) != v for k, v in cell["settings"]["method"].items()))
+    return done.get("budget") != cell["settings"].get("budget") or differs(recorded, cell["settings"]["method"])
 
 
 def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
