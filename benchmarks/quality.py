@@ -54,11 +54,12 @@ def load_matrix(path: Path) -> dict:
     for settings in matrix["methods"].values():
         budget_of(matrix, settings)
     for student, spec in matrix["students"].items():
-        recipe = spec.get("recipe") or {}
-        unknown = [] if "method" in recipe else [r for r in recipe if r not in matrix["regimes"]]
-        if unknown:
-            raise SystemExit(f"Student {student}'s recipe names regimes {unknown}; the matrix's regimes are "
-                             f"{list(matrix['regimes'])} (a recipe is one method with its budget, or one per regime).")
+        for key in ("recipe", "recipe_config"):
+            by_regime = spec.get(key)
+            unknown = [r for r in by_regime if r not in matrix["regimes"]] if _per_regime(by_regime, key) else []
+            if unknown:
+                raise SystemExit(f"Student {student}'s {key} names regimes {unknown}; the matrix's regimes are "
+                                 f"{list(matrix['regimes'])} (a recipe is one method with its budget, or one per regime).")
         for regime in matrix["regimes"]:
             for settings in student_methods(matrix, spec, regime).values():  # the recipe's budget too
                 budget_of(matrix, settings)
@@ -106,16 +107,19 @@ def recipe_of(spec: dict, regime: str, key: str = "recipe"):
     for every regime (a method with its budget; a config path), or one per regime, keyed by the
     regime's name, where each label regime's validation split chose its own."""
     value = spec.get(key)
-    if value is None or isinstance(value, str) or (key == "recipe" and "method" in value):
-        return value
-    return value.get(regime)
+    return value.get(regime) if _per_regime(value, key) else value
 
 
-def stale(done: dict, cell: dict) -> bool:
-    """Whether a finished cell ran other settings than the matrix now names for it (a recipe
-    changed): its method differs in a setting the matrix gives (the run records the others too, with
-    their defaults), or its budget differs. A cell that recorded no settings cannot be told apart,
-    and counts as current."""
+def _per_regime(value, key: str) -> bool:
+    """Whether a recipe (or its config) is given per regime: a mapping keyed by regime names."""
+    return isinstance(value, dict) and not (key == "recipe" and "method" in value)
+
+
+def stale(done: dict, settings: dict) -> bool:
+    """Whether a finished cell ran other settings than the matrix now names for it (``settings``:
+    its method and budget; a recipe changed): its method differs in a setting the matrix gives (the
+    run records the others too, with their defaults), or its budget differs. A cell that recorded no
+    settings cannot be told apart, and counts as current."""
     def differs(recorded, given) -> bool:
         if isinstance(given, dict) and isinstance(recorded, dict):
             return any(differs(recorded.get(k), v) for k, v in given.items())
@@ -124,7 +128,15 @@ def stale(done: dict, cell: dict) -> bool:
     recorded = done.get("settings")
     if recorded is None:
         return False
-    return done.get("budget") != cell["settings"].get("budget") or differs(recorded, cell["settings"]["method"])
+    return done.get("budget") != settings.get("budget") or differs(recorded, settings["method"])
+
+
+def states(matrix: dict, results: Path) -> list[tuple[dict, str]]:
+    """Every cell of the matrix with its state: "done", "todo" (not run) or "stale" (run with other
+    settings than the matrix now names)."""
+    done = {c["name"]: c for c in _load(results)["cells"]}
+    return [(c, "todo" if c["name"] not in done else "stale" if stale(done[c["name"]], c["settings"]) else "done")
+            for c in cells(matrix)]
 
 
 def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
@@ -155,9 +167,7 @@ def folder_of(matrix: dict, cell: dict, out: Path) -> Path:
 
 def run(matrix_path: Path, results: Path, out: Path, only: list[str], device: str | None = None) -> None:
     matrix = load_matrix(matrix_path)
-    done = {c["name"]: c for c in _load(results)["cells"]}
-    todo = [c for c in cells(matrix) if (c["name"] not in done or stale(done[c["name"]], c))
-            and all(text in c["name"] for text in only)]
+    todo = [c for c, state in states(matrix, results) if state != "done" and all(text in c["name"] for text in only)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # `kill PID` stops the cell's `softkd run` too (subprocess.run kills its child on an exception):
     # an orphaned run would go on writing the folder the next `run` trains in
@@ -235,15 +245,12 @@ def _save(results: Path, cell: dict, matrix_path: Path) -> None:
 
 def plan(matrix_path: Path, results: Path) -> str:
     matrix = load_matrix(matrix_path)
-    done = {c["name"]: c for c in _load(results)["cells"]}
-    every = cells(matrix)
-    state = {c["name"]: "todo" if c["name"] not in done else "stale" if stale(done[c["name"]], c) else "done"
-             for c in every}
-    lines = [f"{state[c['name']]:<5} {c['name']}" for c in every]
-    n_stale = sum(s == "stale" for s in state.values())
-    return "\n".join(lines + [f"{sum(s == 'done' for s in state.values())} of {len(every)} cells done"
-                              + (f" ({n_stale} stale: run with other settings than the matrix now names; "
-                                 "`run` reruns them)" if n_stale else "")])
+    every = states(matrix, results)
+    n_stale = sum(state == "stale" for _, state in every)
+    return "\n".join([f"{state:<5} {c['name']}" for c, state in every]
+                     + [f"{sum(state == 'done' for _, state in every)} of {len(every)} cells done"
+                        + (f" ({n_stale} stale: run with other settings than the matrix now names; "
+                           "`run` reruns them)" if n_stale else "")])
 
 
 def table(matrix_path: Path, results: Path, split: str = "test") -> str:
@@ -262,7 +269,7 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
         for regime in matrix["regimes"]:
             for method, settings in student_methods(matrix, spec, regime).items():
                 done = [c for c in (by_name.get(f"{student}/{regime}/{method}/{s}") for s in matrix["seeds"])
-                        if c and not stale(c, {"settings": settings})]
+                        if c and not stale(c, settings)]
                 label = f"{student} ({matrix['teachers'][spec['teacher']]['model']})"
                 if not done:
                     lines.append(f"| {label} | {regime} | {method} | | | | | | not run yet | 0 | |")

@@ -211,8 +211,8 @@ def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_it
     assert "stale mlp-16/10%/recipe/0" in quality.plan(tmp_path / "m.yaml", results)
     # a run records every setting with its defaults: a grid the matrix gives in part is still current
     auto = {"settings": {"name": "auto", "grid": {"temperature": [2.0, 4.0], "beta": [0.5, 0.9]}, "candidates": None}}
-    assert not quality.stale(auto, {"settings": {"method": {"name": "auto", "grid": {"temperature": [2, 4]}}}})
-    assert quality.stale(auto, {"settings": {"method": {"name": "auto", "grid": {"temperature": [2, 8]}}}})
+    assert not quality.stale(auto, {"method": {"name": "auto", "grid": {"temperature": [2, 4]}}})
+    assert quality.stale(auto, {"method": {"name": "auto", "grid": {"temperature": [2, 8]}}})
 
     matrix["students"]["mlp-16"]["recipe"] = {"3%": few}  # a regime the matrix does not have
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
