@@ -32,7 +32,7 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "report.json", "report.md",
                                                "report.html", "teacher.safetensors", "teacher.json", "students",
                                                "cache", ".lock"}  # .lock: held while a run writes
-    assert f"Open the report: {(out / 'report.html').resolve().as_uri()}" in result.output.replace("\n", "")
+    assert f"Open the report: {(out / 'report.html').resolve().as_uri()}\n" in result.output
     students = sorted(p.name for p in (out / "students").iterdir())
     assert len(students) == 2 * 2 * 2 * 2  # regimes × seeds × kinds × (weights, stamp)
     assert "distilled-labels0.1-seed1.safetensors" in students and "scratch-labels1-seed0.json" in students

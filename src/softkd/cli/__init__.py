@@ -20,7 +20,9 @@ from softkd.errors import SoftKDError, SoftKDWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="softkd: knowledge distillation with honest baselines.")
-console = Console(emoji=False)  # a spec like "a:b:c" is text, not an emoji code
+# emoji off: a spec like "a:b:c" is text, not an emoji code. Prose wraps at the width (80 when piped);
+# a line that names a path is printed with soft_wrap=True, whole, so the path is never cut to copy.
+console = Console(emoji=False)
 errors = Console(stderr=True, emoji=False)
 
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."

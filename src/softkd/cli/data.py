@@ -36,7 +36,7 @@ def data_fetch(
             progress.update(tasks[file_name], completed=done)
 
         folder = fetch(name, dest, base_url=base_url, progress=report)
-    console.print(f"{name}: files verified in {folder}")
+    console.print(f"{name}: files verified in {folder}", soft_wrap=True)
 
 
 cache_app = command_group("cache", "The soft-label cache: the teacher's logits, computed once.",
@@ -75,7 +75,7 @@ def cache_verify(folder: Path = typer.Argument(..., metavar="FOLDER", help="A ca
 
     cache = SoftLabelCache.open(folder)
     cache.verify()
-    console.print(f"OK: {folder}: {len(cache.manifest['shards'])} shard(s) match their sha256.")
+    console.print(f"OK: {folder}: {len(cache.manifest['shards'])} shard(s) match their sha256.", soft_wrap=True)
 
 
 @cache_app.command("info")

@@ -29,7 +29,7 @@ def report(
     from softkd.report import render_reports
 
     for path in render_reports(run_dirs, out, figures=figures):
-        console.print(f"Wrote {path}", highlight=False)
+        console.print(f"Wrote {path}", highlight=False, soft_wrap=True)
 
 
 
@@ -62,7 +62,7 @@ def export(
     result = export_student(run_dir, format=format_, student=student, out=out)
     console.print(f"Student {result['student']} ({result['model']}): {result['selected_by']}.", highlight=False)
     console.print(f"Exported to {result['path']} ({result['size_bytes'] / 1000:.1f} kB) with {result['exporter']}.",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     runner = {"onnx": "onnxruntime", "pt2": "the loaded program", "safetensors": "the rebuilt model"}[format_]
     console.print(f"Checked in {runner} on the test split ({result['test_samples']} samples at batch 256, the first "
                   f"{result['batch1_samples']} at batch 1) against the eager student:", highlight=False)
@@ -83,7 +83,7 @@ def export(
             parts.append(f"batch {batch.removeprefix('batch')} {onnx_ms:.2f} ms against {eager_ms:.2f} ms ({pace})")
         console.print(f"onnxruntime against eager PyTorch, p50 on {speed['device']}: {'; '.join(parts)}",
                       highlight=False)
-    console.print(f"Check written to {result['path']}.json", highlight=False)
+    console.print(f"Check written to {result['path']}.json", highlight=False, soft_wrap=True)
 
 
 def _list_students(students: list[dict]) -> None:
@@ -219,4 +219,4 @@ def cascade(
         check = made["check"]
         console.print(f"Exported to {made['path']}: predictions agree with the PyTorch cascade on "
                       f"{100 * check['agreement']:.2f}% of {check['test_samples']} test samples, deferrals on "
-                      f"{100 * check['deferral_agreement']:.2f}%.", highlight=False)
+                      f"{100 * check['deferral_agreement']:.2f}%.", highlight=False, soft_wrap=True)

@@ -31,7 +31,8 @@ def validate(
         from softkd.losses.logits import validate_soft_targets
 
         soft = validate_soft_targets(_load_array(path))
-        console.print(f"OK: {path} holds {soft.shape[0]} feasible soft-label rows over {soft.shape[-1]} classes.")
+        console.print(f"OK: {path} holds {soft.shape[0]} feasible soft-label rows over {soft.shape[-1]} classes.",
+                      soft_wrap=True)
         return
     from softkd.pipeline import check_run
 

@@ -111,5 +111,5 @@ def _run(config, out: Path, *, reuse: bool = False, resume: bool = False) -> Non
     for student, lines in headlines_of(report).items():
         for regime, line in lines.items():
             console.print(f"{student}, {regime}: {line}", highlight=False)
-    console.print(f"Run directory: {out} (config.yaml, metrics.jsonl, report.json, report.md, report.html)")
-    console.print(f"Open the report: {(Path(out) / 'report.html').resolve().as_uri()}", highlight=False)
+    console.print(f"Run directory: {out} (config.yaml, metrics.jsonl, report.json, report.md, report.html)", soft_wrap=True)
+    console.print(f"Open the report: {(Path(out) / 'report.html').resolve().as_uri()}", highlight=False, soft_wrap=True)
