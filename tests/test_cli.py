@@ -569,6 +569,16 @@ def test_on_off_flags_are_shown_without_a_value():
                           ("export", "--list"), ("cascade", "--export")):
         line = next(line for line in _invoke(command, "--help").output.splitlines() if f"{flag} " in line)
         assert "<bool>" not in line, line
+    # --help itself, on softkd, on every command and on every group's commands
+    commands = [[]] + [[c] for c in ("demo", "run", "teacher", "validate", "ls", "report", "export", "evaluate",
+                                     "cascade", "data", "cache")] + [["data", "fetch"], ["cache", "build"],
+                                                                     ["cache", "verify"], ["cache", "info"]]
+    for command in commands:
+        output = _invoke(*command, "--help").output
+        (line,) = [line for line in output.splitlines() if "--help " in line]
+        assert "Show this message and exit." in line and "<" not in line, (command, line)
+    (line,) = [line for line in _invoke("--help").output.splitlines() if "--version " in line]
+    assert "<" not in line, line
 
 
 def test_a_code_running_pickle_is_refused_as_a_training_checkpoint_and_by_evaluate(tmp_path):

@@ -18,15 +18,46 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from softkd.errors import SoftKDError, SoftKDWarning
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="softkd: knowledge distillation with honest baselines.")
+FLAG = ""  # the metavar of an on/off flag: typer would show '<bool>', as if it took a value
+
+
+class _HelpFlag:
+    """--help is an on/off flag: shown without the '<bool>' typer gives it, as if it took a value."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG
+        return option
+
+
+class _Command(_HelpFlag, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HelpFlag, typer.core.TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """A typer app whose group and commands show --help as a flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=_Command, **kwargs)
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+             help="softkd: knowledge distillation with honest baselines.")
+
 # emoji off: a spec like "a:b:c" is text, not an emoji code. Prose wraps at the width (80 when piped);
 # a line that names a path is printed with soft_wrap=True, whole, so the path is never cut to copy.
 console = Console(emoji=False)
 errors = Console(stderr=True, emoji=False)
 
 SET_HELP = "Override a config key, e.g. --set method.temperature=2 (repeatable)."
-FLAG = ""  # the metavar of an on/off flag: typer would show '<bool>', as if it took a value
 
 
 def set_help(example: str) -> str:
@@ -35,7 +66,7 @@ def set_help(example: str) -> str:
 
 def command_group(name: str, help: str, commands: str) -> typer.Typer:
     """A group of subcommands (`softkd cache build`): alone, it prints its help and one error line."""
-    group = typer.Typer(help=help, invoke_without_command=True)
+    group = _Typer(help=help, invoke_without_command=True)
 
     @group.callback()
     def _needs_a_command(ctx: typer.Context) -> None:
