@@ -43,10 +43,10 @@ class _Typer(typer.Typer):
     """A typer app whose group and commands show --help as a flag."""
 
     def __init__(self, **kwargs):
-        super().__init__(cls=_Group, **kwargs)
+        super().__init__(**{"cls": _Group, **kwargs})
 
     def command(self, *args, **kwargs):
-        return super().command(*args, cls=_Command, **kwargs)
+        return super().command(*args, **{"cls": _Command, **kwargs})
 
 
 app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
