@@ -18,29 +18,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from softkd.errors import SoftKDError, SoftKDWarning
 
-FLAG = ""  # the metavar of an on/off flag: typer would show '<bool>', as if it took a value
+
+class _Flags:
+    """On/off options (--resume, --help, ...) are shown without a value: typer gives them '<bool>',
+    as if they took one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
-class _HelpFlag:
-    """--help is an on/off flag: shown without the '<bool>' typer gives it, as if it took a value."""
-
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = FLAG
-        return option
-
-
-class _Command(_HelpFlag, typer.core.TyperCommand):
+class _Command(_Flags, typer.core.TyperCommand):
     pass
 
 
-class _Group(_HelpFlag, typer.core.TyperGroup):
+class _Group(_Flags, typer.core.TyperGroup):
     pass
 
 
 class _Typer(typer.Typer):
-    """A typer app whose group and commands show --help as a flag."""
+    """A typer app whose group and commands show their on/off options as flags."""
 
     def __init__(self, **kwargs):
         super().__init__(**{"cls": _Group, **kwargs})
@@ -88,7 +88,7 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, metavar=FLAG,
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                           help="Print softkd's version and exit.")) -> None:
     """softkd: knowledge distillation with honest baselines."""
 

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from softkd.cli import FLAG, _user_errors, app, console
+from softkd.cli import _user_errors, app, console
 
 
 @app.command()
@@ -17,7 +17,7 @@ def report(
     run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run directories (each holding report.json)."),
     out: Optional[Path] = typer.Option(None, help="Where to write report.md and report.html; default the run "
                                        "directory for one, ./softkd-report for several."),
-    figures: bool = typer.Option(False, "--figures", metavar=FLAG,
+    figures: bool = typer.Option(False, "--figures",
                                  help="Also write every plot as a PNG file under figures/."),
 ):
     """Render report.md and one self-contained report.html (plots embedded, opens offline) from
@@ -43,7 +43,7 @@ def export(
                                           "(its best distilled run); default: the distilled student with the best "
                                           "validation accuracy."),
     out: Optional[Path] = typer.Option(None, help="Output file or folder; default RUN_DIR/export/<student>.<ext>."),
-    list_: bool = typer.Option(False, "--list", metavar=FLAG, help="List the run's students and exit."),
+    list_: bool = typer.Option(False, "--list", help="List the run's students and exit."),
 ):
     """Export one trained student alone (no adapters, peers or teacher), in eval mode on the CPU
     with a dynamic batch size. The export is run on the whole test split (batch 256, and batch 1
@@ -176,7 +176,7 @@ def cascade(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads while timing; default torch's."),
     budget: float = typer.Option(20.0, "--budget", help="Seconds each model is timed for, at most (the test split "
                                  "at batch 256)."),
-    export_: bool = typer.Option(False, "--export", metavar=FLAG,
+    export_: bool = typer.Option(False, "--export",
                                  help="Also write RUN_DIR/export/cascade/ (two ONNX models and the threshold), "
                                  "checked against the PyTorch cascade on the test split."),
 ):

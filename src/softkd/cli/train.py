@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from softkd.cli import FLAG, SET_HELP, _progress, _user_errors, app, console, load_user_config, set_help
+from softkd.cli import SET_HELP, _progress, _user_errors, app, console, load_user_config, set_help
 
 
 @app.command()
@@ -36,7 +36,7 @@ def run(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config (see configs/)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, help="Run directory; default output.dir or runs/<config name>."),
-    resume: bool = typer.Option(False, "--resume", metavar=FLAG,
+    resume: bool = typer.Option(False, "--resume",
                                 help="Continue an interrupted student run from its last checkpoint (needs "
                                 "train.checkpoint_every)."),
 ):
@@ -56,7 +56,7 @@ def teacher(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config; its data and teacher sections are used."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=set_help("teacher.epochs=10")),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<config name>-teacher."),
-    resume: bool = typer.Option(False, "--resume", metavar=FLAG,
+    resume: bool = typer.Option(False, "--resume",
                                 help="Continue from the last checkpoint (train.checkpoint_every)."),
 ):
     """Train only the teacher and save it (teacher.safetensors, teacher.json with test metrics),
