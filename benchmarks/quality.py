@@ -13,7 +13,10 @@ seed) into one folder per student and regime, so the scratch twin, the soft-labe
 teacher's test pass are shared by the methods; it adds the cell to the results JSON as soon as it
 finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), so a
 long CPU run can stop anywhere and continue later, and a cell rerun elsewhere (another CPU's
-kernels give another scratch twin) changes only its own row. A teacher whose weights are missing
+kernels give another scratch twin) changes only its own row. A cell stopped midway starts over,
+unless its budget sets `train.checkpoint_every`: then its students save their full state at each
+epoch's end, and the next `run` continues the cell from there (`softkd run --resume`) to the same
+weights, bit for bit. A teacher whose weights are missing
 is trained first (`softkd teacher`, resumable).
 `--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
 A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
@@ -183,7 +186,7 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str], device: st
             settings["train"]["device"] = device
         config.write_text(yaml.safe_dump(settings, sort_keys=False))
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", str(config), "--out", str(folder)],
+        proc = subprocess.run([sys.executable, "-m", "softkd.cli", "run", str(config), "--out", str(folder), "--resume"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode != 0:

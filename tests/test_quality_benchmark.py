@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from softkd.config import config_from_dict, load_config
@@ -274,6 +275,47 @@ def test_stopping_the_benchmark_stops_the_cell_it_runs(tmp_path):
     else:
         raise AssertionError(f"softkd run {child} still runs after its benchmark was stopped")
     assert not (tmp_path / "q.json").exists()  # the unfinished cell is not recorded
+
+
+def test_a_stopped_cell_with_checkpoints_continues_where_it_stopped_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "teacher.yaml").write_text("teacher: {model: tinycnn-8, epochs: 1, batch_size: 128}\n")
+    matrix = {"seeds": [0], "regimes": {"all": 1.0},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 2, "batch_size": 64, "threads": 1},
+                       "output": {"latency": False}},
+              "budgets": {"saved": {"train": {"epochs": 20, "batch_size": 16, "checkpoint_every": 100000}}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": str(tmp_path / "teacher"),
+                                     "config": str(tmp_path / "teacher.yaml")}},
+              "students": {"mlp-16": {"teacher": "small"}},
+              "methods": {"soft-target": {"budget": "saved", "method": {"name": "soft-target"}}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    common = ["--matrix", tmp_path / "m.yaml"]
+    _quality("run", *common, "--results", tmp_path / "clean.json", "--out", tmp_path / "clean")
+
+    folder = tmp_path / "runs" / "mlp-16-all-saved"
+    bench = subprocess.Popen([sys.executable, str(SCRIPT), "run", *map(str, common), "--results",
+                              str(tmp_path / "q.json"), "--out", str(tmp_path / "runs")],
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("students/scratch-labels1-seed0.ckpt/ckpt-*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    bench.terminate()  # after the scratch twin's first epoch-end checkpoint
+    assert bench.wait(timeout=60) != 0, bench.stderr.read()
+    assert not (folder / "students" / "scratch-labels1-seed0.safetensors").exists(), "stopped too late"
+    assert not (tmp_path / "q.json").exists()
+
+    _quality("run", *common, "--results", tmp_path / "q.json", "--out", tmp_path / "runs")
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records if r["stage"] == "scratch" and r.get("epoch") == 1 and "kind" not in r]
+    assert len(first) == 1  # continued after epoch 1, not started over (that would log epoch 1 again)
+    (clean,), (resumed,) = (json.loads((tmp_path / f"{n}.json").read_text())["cells"] for n in ("clean", "q"))
+    for key in ("accuracy", "val_accuracy"):
+        assert (resumed[key], resumed["twin"][key]) == (clean[key], clean["twin"][key]), key
+    for kind in ("scratch", "distilled"):
+        a, b = (load_file(root / "mlp-16-all-saved" / "students" / f"{kind}-labels1-seed0.safetensors")
+                for root in (tmp_path / "clean", tmp_path / "runs"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
 
 
 def test_the_gpu_script_runs_what_fits_its_time_budget_then_prints_the_table(tmp_path):
