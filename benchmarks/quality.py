@@ -16,8 +16,8 @@ long CPU run can stop anywhere and continue later, and a cell rerun elsewhere (a
 kernels give another scratch twin) changes only its own row. A cell stopped midway starts over,
 unless its budget sets `train.checkpoint_every`: then its students save their full state at each
 epoch's end, and the next `run` continues the cell from there (`softkd run --resume`) to the same
-weights, bit for bit. A teacher whose weights are missing
-is trained first (`softkd teacher`, resumable).
+weights, bit for bit. A teacher whose weights are missing is trained first (`softkd teacher`,
+resumable).
 `--only` keeps the cells whose name (`student/regime/method/seed`) contains every given text.
 A method may name a budget (`budget: NAME`, one of the matrix's `budgets`: settings of `data`,
 `train` and `cache`, such as more epochs or cached augmented views); its cells then train in their
