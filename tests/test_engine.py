@@ -143,6 +143,31 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, digit_splits):
         softkd.fit(copy.deepcopy(model), digit_splits.train, run_key={"lr": 0.1}, **dict(common, batch_size=128))
 
 
+def test_a_resumed_run_counts_the_seconds_it_trained_before_it_stopped(tmp_path, digit_splits):
+    # Each step sleeps 50 ms: the 12 steps before the first sitting's last checkpoint took at least
+    # 0.6 s. A resumed run reports them (a stage adds them to its train_s); a fresh one reports none.
+    class Stop(Exception):
+        pass
+
+    def step(stop_at):
+        def on_step(n):
+            time.sleep(0.05)
+            if n == stop_at:
+                raise Stop
+        return on_step
+
+    model = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    common = dict(epochs=1, batch_size=64, checkpoint_dir=tmp_path, checkpoint_every=4)
+    with pytest.raises(Stop):
+        softkd.fit(copy.deepcopy(model), digit_splits.train, resume=True, on_step=step(14), **common)
+    saved = torch.load(sorted(tmp_path.glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert saved["step"] == 12 and saved["train_s"] >= 12 * 0.05
+    resumed = softkd.fit(copy.deepcopy(model), digit_splits.train, resume=True, on_step=step(None), **common)
+    assert resumed.resumed_s == saved["train_s"]
+    again = softkd.fit(copy.deepcopy(model), digit_splits.train, resume=False, on_step=step(None), **common)
+    assert again.resumed_s == 0.0
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_trains_without_nan_and_matches_fp32(digit_splits, trained_teacher, precision):
     results = {}

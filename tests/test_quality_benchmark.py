@@ -308,6 +308,7 @@ def test_a_stopped_cell_with_checkpoints_continues_where_it_stopped_to_the_same_
     assert bench.wait(timeout=60) != 0, bench.stderr.read()
     assert not (folder / "students" / "scratch-labels1-seed0.safetensors").exists(), "stopped too late"
     assert not (tmp_path / "q.json").exists()
+    saved = torch.load(max(folder.glob("students/scratch-labels1-seed0.ckpt/ckpt-*.pt")), weights_only=True)
 
     _quality("run", *common, "--results", tmp_path / "q.json", "--out", tmp_path / "runs")
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -316,6 +317,10 @@ def test_a_stopped_cell_with_checkpoints_continues_where_it_stopped_to_the_same_
     (clean,), (resumed,) = (json.loads((tmp_path / f"{n}.json").read_text())["cells"] for n in ("clean", "q"))
     for key in ("accuracy", "val_accuracy"):
         assert (resumed[key], resumed["twin"][key]) == (clean[key], clean["twin"][key]), key
+    # the twin's training time counts both sittings: the first one's, then at least the epochs trained after
+    after = sum(r["epoch_s"] for r in records
+                if r["stage"] == "scratch" and "kind" not in r and r.get("epoch", 0) >= saved["epoch"])
+    assert resumed["twin"]["train_s"] >= saved["train_s"] + after
     for kind in ("scratch", "distilled"):
         a, b = (load_file(root / "mlp-16-all-saved" / "students" / f"{kind}-labels1-seed0.safetensors")
                 for root in (tmp_path / "clean", tmp_path / "runs"))

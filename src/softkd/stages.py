@@ -172,10 +172,10 @@ class StudentStages:
         run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
                    "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin, **setting}
         started = time.perf_counter()
-        trained = train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
+        trained, resumed_s = train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
                                   self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
                                   resume=self.resume, run_key=run_key)
-        train_s = time.perf_counter() - started
+        train_s = time.perf_counter() - started + resumed_s  # a resumed run's earlier sittings count too
         results = []
         for name in names:
             student = trained[name]
@@ -269,9 +269,10 @@ def checkpoint_folder(config: RunConfig, folder: Path, resume: bool) -> Path | N
 
 
 def train_students(kind, config: RunConfig, method, splits: Splits, transfer, teachers, transfer_logits,
-                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> dict:
+                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> tuple[dict, float]:
     """The students ``names`` of one stage, trained, by name: each from the same initial weights and
-    with the same data and budget as its twin of the other kind; only the objective differs."""
+    with the same data and budget as its twin of the other kind; only the objective differs. With
+    them, the seconds trained before a resume (0 when the stage did not resume)."""
     torch.manual_seed(seed)
     first = resolve_model(config.student.model, input_shape=splits.train.input_shape,
                           num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
@@ -292,9 +293,11 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
         student = first if names == [""] else method.build_students(
             first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
         views = config.cache.views if augment is not None and config.cache.enabled else None
-        return {names[0]: fit(student, transfer, augment=augment, views=views, **budget).model}
-    return distill(first, teachers, transfer, method=method.params, teacher_logits=transfer_logits,
-                   teacher_features=transfer_features, augment=augment, **budget).students
+        result = fit(student, transfer, augment=augment, views=views, **budget)
+        return {names[0]: result.model}, result.resumed_s
+    result = distill(first, teachers, transfer, method=method.params, teacher_logits=transfer_logits,
+                     teacher_features=transfer_features, augment=augment, **budget)
+    return result.students, result.resumed_s
 
 
 def _augment(config: RunConfig):

@@ -118,8 +118,9 @@ class RunState:
 
 
 def snapshot(model, objective, opt, scheduler, scaler, result, run: RunState, epoch, done, epoch_start, run_key,
-             rngs) -> dict:
-    """The full state of a run (a ``fit`` FitResult ``result`` and its RunState ``run``) for save_checkpoint."""
+             rngs, *, train_s: float) -> dict:
+    """The full state of a run (a ``fit`` FitResult ``result`` and its RunState ``run``) for save_checkpoint;
+    ``train_s``: the seconds it has trained so far, over every resume."""
     return {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "method_parts": objective.parts_state(),
         "optimizer": opt.state_dict(),
@@ -129,6 +130,7 @@ def snapshot(model, objective, opt, scheduler, scaler, result, run: RunState, ep
         "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
         "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
+        "train_s": train_s,
     }
 
 
@@ -145,6 +147,7 @@ def restore(saved: dict, model, objective, opt, scheduler, scaler, result, *, ra
     result.best_score, result.best_epoch = saved["best_score"], saved["best_epoch"]
     result.stopped_by = saved["stopped_by"]
     result.epochs = saved["epoch"] - 1
+    result.resumed_s = saved.get("train_s", 0.0)  # absent from checkpoints written before it was kept
     return RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
                     totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
                     best_state=saved["best_state"])

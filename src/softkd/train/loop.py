@@ -47,6 +47,7 @@ class FitResult:
     best_score: float | None = None
     stopped_by: str = "epochs"  # "epochs", "max_steps" or "patience"
     graphed_steps: int = 0  # steps replayed from a CUDA graph (see fit's cuda_graphs)
+    resumed_s: float = 0.0  # seconds the run had trained before this call resumed it (0 when it did not)
     students: dict[str, nn.Module] = field(default_factory=dict)
     """Every trained student by name: ``{"": model}``, or each peer of a mutual-learning cohort."""
 
@@ -165,6 +166,7 @@ def fit(
         if saved is not None:
             run = restore(saved, model, objective, opt, scheduler, scaler, result, rank=dist.rank)
             terms_log.reset(run.totals)
+    began = time.perf_counter()  # a checkpoint carries the seconds trained so far, over every resume
     # With several processes every trainable module trains through DDP (gradients summed over
     # processes in the backward pass); the teacher never does. Processes start from rank 0's state.
     student = dist.wrap(model)
@@ -177,7 +179,7 @@ def fit(
         run.totals = terms_log.sums()  # checked first: a checkpoint is only ever written from good weights
         rngs = dist.gather_object(rng_states())  # every process's: each resumes with its own
         state = snapshot(model, objective, opt, scheduler, scaler, result, run, epoch, done, epoch_start, run_key,
-                             rngs)
+                         rngs, train_s=result.resumed_s + time.perf_counter() - began)
         dist.on_main(lambda: save_checkpoint(folder, state, keep_last=keep_last))
 
     def forward_backward(batch: dict, counts: dict, *, cache: bool = True, weight: float = 1.0) -> torch.Tensor:
