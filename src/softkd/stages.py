@@ -172,9 +172,9 @@ class StudentStages:
         run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
                    "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin, **setting}
         started = time.perf_counter()
-        trained, resumed_s = train_students(kind, config, method, self.splits, transfer, self.teachers, self.transfer_logits,
-                                  self.transfer_features, seed, log, names, checkpoint_dir=resume_from,
-                                  resume=self.resume, run_key=run_key)
+        trained, resumed_s = train_students(kind, config, method, self.splits, transfer, self.teachers,
+                                            self.transfer_logits, self.transfer_features, seed, log, names,
+                                            checkpoint_dir=resume_from, resume=self.resume, run_key=run_key)
         train_s = time.perf_counter() - started + resumed_s  # a resumed run's earlier sittings count too
         results = []
         for name in names:
