@@ -157,7 +157,8 @@ def run_config(matrix: dict, cell: dict, root: Path, out: Path) -> dict:
     config["method"] = dict(cell["settings"]["method"])
     config.setdefault("train", {})["seeds"] = [cell["seed"]]
     data, cache = config["data"], config.get("cache", {})
-    views = f"-{data['augment']}{data.get('shift', 2)}-x{cache.get('views', 1)}" if data.get("augment") else ""
+    strength = data.get("mixup_alpha", 1.0) if data.get("augment") == "mixup" else data.get("shift", 2)
+    views = f"-{data['augment']}{strength:g}-x{cache.get('views', 1)}" if data.get("augment") else ""
     config["cache"] = {**cache, "dir": str(out / f"cache-{spec['teacher']}{views}")}
     return config
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import softkd
 from softkd.cache import SoftLabelCache, fingerprint, ids_sha256
-from softkd.data.augment import ShiftFlip, build_augment
+from softkd.data.augment import Mixup, ShiftFlip, build_augment
 from softkd.data.datasets import ArrayDataset
 from softkd.errors import ConfigError, DataError
 from softkd.methods import SoftTarget
@@ -97,31 +97,36 @@ def test_the_cache_holds_the_teacher_on_replayed_views(tmp_path, images):
 
 
 class _Spy(SoftTarget):
-    """Records what each training batch fed the student and its teacher logits."""
+    """Records each training batch's inputs, labels, ids and teacher logits."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []
 
     def forward(self, model, batch, **counts):
-        self.seen.append((batch["x"].clone(), batch["teacher_logits"].clone(), batch["id"].clone()))
+        self.seen.append({k: batch[k].clone() for k in ("x", "y", "id", "teacher_logits")})
         return super().forward(model, batch, **counts)
 
 
-def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_path, images, monkeypatch):
-    teacher, aug = _teacher(), ShiftFlip(shift=2, seed=5)
-    cache = _cache(tmp_path, teacher, images, aug, views=4)
-    logits = torch.stack([cache.logits(torch.arange(len(images)), view=v) for v in range(4)], 1)  # (N, K, C)
+def _spied_distill(tmp_path, monkeypatch, teacher, data, aug, *, views, epochs, batch_size) -> list[dict]:
+    """Distil an mlp-8 from a cache of ``views`` views of ``data``; every training batch it saw."""
+    cache = _cache(tmp_path, teacher, data, aug, views=views)
+    logits = torch.stack([cache.logits(torch.arange(len(data)), view=v) for v in range(views)], 1)  # (N, K, C)
     spy = {}
     monkeypatch.setattr("softkd.train.distill.build_method",
                         lambda params, teachers: spy.setdefault("objective", _Spy(params, teachers=teachers)))
     student = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
-    softkd.distill(student, teacher, images, teacher_logits=logits, augment=aug, epochs=3, batch_size=64)
-    seen = spy["objective"].seen
+    softkd.distill(student, teacher, data, teacher_logits=logits, augment=aug, epochs=epochs, batch_size=batch_size)
+    return spy["objective"].seen
+
+def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_path, images, monkeypatch):
+    teacher, aug = _teacher(), ShiftFlip(shift=2, seed=5)
+    seen = _spied_distill(tmp_path, monkeypatch, teacher, images, aug, views=4, epochs=3, batch_size=64)
     assert len(seen) == 3 * 5
     views_used = set()
     with torch.no_grad():
-        for i, (x, taught, ids) in enumerate(seen):
+        for i, batch in enumerate(seen):
+            x, taught, ids = batch["x"], batch["teacher_logits"], batch["id"]
             torch.testing.assert_close(taught, teacher(x), rtol=1e-5, atol=1e-5)  # consistent teaching
             raw = images.x[ids - 1000]
             assert not torch.equal(x, raw)  # augmented, not the raw images
@@ -132,6 +137,22 @@ def test_the_student_trains_on_exactly_the_cached_view_it_is_taught_with(tmp_pat
             only_one = matches.sum(0) == 1  # samples that a single view could have made
             views_used |= set(matches[:, only_one].int().argmax(0).tolist())
     assert views_used == {0, 1, 2, 3}
+
+
+def test_the_student_trains_on_the_cached_mixup_blends_with_blended_labels(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    data = ArrayDataset(torch.rand(200, 1, 8, 8), torch.randint(0, 10, (200,)), ids=torch.arange(200) * 7)
+    teacher, aug = _teacher(), Mixup(alpha=1.0, seed=5).bind(data)
+    seen = _spied_distill(tmp_path, monkeypatch, teacher, data, aug, views=3, epochs=2, batch_size=50)
+    assert len(seen) == 2 * 4
+    with torch.no_grad():
+        for step, batch in enumerate(seen):
+            view = aug.pick(batch["id"], step // 4 + 1, 3)  # four batches an epoch, epochs counted from 1
+            positions = batch["id"] // 7
+            torch.testing.assert_close(batch["x"], aug(data.x[positions], batch["id"], view))
+            torch.testing.assert_close(batch["teacher_logits"], teacher(batch["x"]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batch["y"], aug.mix_labels(data.y[positions], batch["id"], view))
+            assert torch.allclose(batch["y"].sum(1), torch.ones(50))  # every side labeled: whole labels
 
 
 def test_static_soft_labels_with_augmentation_are_refused(images):
@@ -156,7 +177,10 @@ def test_online_teacher_runs_on_every_augmented_batch(images):
     (["data.augment=shift"], r"static soft-label cache \(cache.views: 1\)"),
     (["cache.views=3"], r"cache.views: 3 needs data.augment"),
     (["cache.views=0", "data.augment=shift"], r"'cache.views' in .* is invalid: Input should be greater than or equal to 1"),
-    (["data.augment=rotate"], r"'data.augment' in .* is invalid: Input should be 'shift' or 'shift-flip'"),
+    (["data.augment=rotate"], r"'data.augment' in .* is invalid: Input should be 'shift', 'shift-flip' or 'mixup'"),
+    (["data.augment=mixup"], r"static soft-label cache \(cache.views: 1\)"),
+    (["data.augment=mixup", "cache.views=2", "method.name=dkd"], r"method 'dkd' splits each output at its sample's"),
+    (["data.augment=mixup", "cache.views=2", "data.mixup_alpha=0"], r"'data.mixup_alpha' in .* is invalid: Input should be greater than 0"),
 ])
 def test_bad_view_settings_exit_2_with_one_line(tmp_path, sets, message):
     import re
@@ -175,19 +199,25 @@ def test_bad_view_settings_exit_2_with_one_line(tmp_path, sets, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_run_caches_k_views_and_a_changed_augmentation_rebuilds_them(tmp_path):
+@pytest.mark.parametrize("data, described, changed", [
+    ({"augment": "shift-flip", "shift": 1}, {"name": "shift-flip", "shift": 1, "seed": 0}, ("shift", 2, "shift")),
+    ({"augment": "mixup", "mixup_alpha": 0.4, "labeled_fraction": [1.0, 0.1]}, {"name": "mixup", "alpha": 0.4, "seed": 0},
+     ("mixup_alpha", 1.0, "alpha")),
+])
+def test_run_caches_k_views_and_a_changed_augmentation_rebuilds_them(tmp_path, data, described, changed):
     from softkd.config import config_from_dict
     from softkd.pipeline import run_experiment
 
-    raw = {"data": {"name": "digits", "augment": "shift-flip", "shift": 1},
+    raw = {"data": {"name": "digits", **data},
            "teacher": {"model": "tinycnn-4", "epochs": 1}, "student": {"model": "mlp-8"},
            "train": {"epochs": 1, "seeds": [0], "batch_size": 128}, "cache": {"views": 2, "dtype": "fp32"}}
     report = run_experiment(config_from_dict(raw), out_dir=tmp_path)
-    (regime,) = report["students"]["mlp-8"]["regimes"].values()
-    assert {"scratch", "distilled"} <= set(regime)
+    for regime in report["students"]["mlp-8"]["regimes"].values():
+        assert {"scratch", "distilled"} <= set(regime)
     cache = SoftLabelCache.open(tmp_path / "cache")
     assert cache.views == 2
-    assert cache.fingerprint["preprocessing"] == {"augment": {"name": "shift-flip", "shift": 1, "seed": 0}}
-    raw["data"]["shift"] = 2
+    assert cache.fingerprint["preprocessing"] == {"augment": described}
+    key, value, described_as = changed
+    raw["data"][key] = value
     run_experiment(config_from_dict(raw), out_dir=tmp_path)
-    assert SoftLabelCache.open(tmp_path / "cache").fingerprint["preprocessing"]["augment"]["shift"] == 2
+    assert SoftLabelCache.open(tmp_path / "cache").fingerprint["preprocessing"]["augment"][described_as] == value

@@ -36,11 +36,19 @@ class DataConfig(_Section):
     labeled_fraction: float | list[float] = 1.0
     """One fraction, or several: each is a regime run and reported side by side."""
     seed: int = 0
-    augment: Literal["shift", "shift-flip"] | None = None
-    """Seeded augmentation of the training images (each view fixed by seed, sample id and view
-    index); with the soft-label cache on, needs ``cache.views`` >= 2."""
+    augment: Literal["shift", "shift-flip", "mixup"] | None = None
+    """Seeded augmentation of the training inputs (each view fixed by seed, sample id and view
+    index); with the soft-label cache on, needs ``cache.views`` >= 2. ``mixup`` blends each input
+    with a partner from the transfer set and the labels with the same weight."""
     shift: int = Field(2, ge=0)
     """Largest translation of ``augment``, in pixels."""
+    mixup_alpha: float = Field(1.0, gt=0)
+    """``mixup``'s blend weight λ ~ Beta(alpha, alpha) (1: uniform)."""
+
+    def key(self, *, mode: str = "python", exclude: set[str] = frozenset()) -> dict:
+        """The settings as a dict for stage and checkpoint keys; ``mixup_alpha`` only with mixup, so
+        keys made before it existed still match."""
+        return self.model_dump(mode=mode, exclude=set(exclude) | ({"mixup_alpha"} if self.augment != "mixup" else set()))
 
     @model_validator(mode="after")
     def _known_dataset(self):
@@ -253,8 +261,15 @@ class RunConfig(_Section):
                              "each augmented view with the un-augmented image's logits; set cache.views to K >= 2 "
                              "(K cached views per sample) or cache.enabled: false (the teacher runs on every batch)")
         if augment is None and cache.views > 1:
-            raise ValueError(f"cache.views: {cache.views} needs data.augment (shift or shift-flip) to make the views; "
+            raise ValueError(f"cache.views: {cache.views} needs data.augment (shift, shift-flip or mixup) to make the views; "
                              "set data.augment or cache.views: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _mixup_has_class_targets(self):
+        if self.data.augment == "mixup" and self.method.name == "dkd":
+            raise ValueError("method 'dkd' splits each output at its sample's target class, and mixup's blended "
+                             "labels have none; use soft-target or dist with data.augment: mixup")
         return self
 
 

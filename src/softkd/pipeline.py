@@ -261,7 +261,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
     if t.checkpoint:
         logger.skip(t.epochs, "teacher (loaded)")
         return stage_hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
-    key = stage_hash(config.data.model_dump(exclude={"labeled_fraction"}), _teacher_key(t))
+    key = stage_hash(config.data.key(exclude={"labeled_fraction"}), _teacher_key(t))
     weights = out / "teacher.safetensors"
     if read_stamp(out / "teacher.json", key) is not None and weights.is_file():
         load_weights(teacher, weights)
@@ -282,7 +282,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
         log_every=config.train.log_every, cuda_graphs=config.train.cuda_graphs,
         checkpoint_dir=checkpoint_folder(config, out / "teacher.ckpt", resume), resume=resume,
         checkpoint_every=config.train.checkpoint_every, keep_last=config.train.keep_last,
-        run_key={"data": config.data.model_dump(mode="json", exclude={"labeled_fraction"}),
+        run_key={"data": config.data.key(mode="json", exclude={"labeled_fraction"}),
                  "teacher": _teacher_key(t, mode="json")})
 
     def save() -> None:

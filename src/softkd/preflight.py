@@ -65,7 +65,7 @@ def warn_about_settings(config: RunConfig, splits: Splits) -> None:
     if config.teacher is not None and not config.teacher.checkpoint:
         augments.append(("teacher.augment", config.teacher.augment))
     for key, augment in augments:
-        if augment is not None and side is not None and config.data.shift * 8 > side:
+        if augment not in (None, "mixup") and side is not None and config.data.shift * 8 > side:
             warnings.warn(f"{key} '{augment}' shifts images by up to data.shift = {config.data.shift} pixels, more "
                           f"than an eighth of these {side}-pixel images; set data.shift to about "
                           f"{max(1, side // 14)} (2 suits 28×28).", SoftKDWarning, stacklevel=3)

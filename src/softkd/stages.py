@@ -35,7 +35,7 @@ STAMP_FORMAT = 2  # stage stamps written by softkd 0.2 (0.1's have no "format")
 
 def data_key(config: RunConfig) -> dict:
     """The data a student trains and is validated on (a loaded teacher's key does not cover it)."""
-    return config.data.model_dump(mode="json", exclude={"labeled_fraction", "augment", "shift"})
+    return config.data.key(mode="json", exclude={"labeled_fraction", "augment", "shift", "mixup_alpha"})
 
 
 def augment_key(config: RunConfig) -> list:
@@ -44,7 +44,9 @@ def augment_key(config: RunConfig) -> list:
     if config.data.augment is None:
         return []
     views = config.cache.views if config.cache.enabled else None
-    return [{"augment": config.data.augment, "shift": config.data.shift, "views": views}]
+    d = config.data
+    mixup = {"mixup_alpha": d.mixup_alpha} if d.augment == "mixup" else {}
+    return [{"augment": d.augment, "shift": d.shift, "views": views, **mixup}]
 
 
 def train_key(config: RunConfig) -> dict:
@@ -288,7 +290,8 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
                   patience=train.patience, monitor=train.monitor, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
                   log_every=train.log_every, **checkpointing)
-    augment = _augment(config)
+    augment = build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed,
+                            alpha=config.data.mixup_alpha, pool=transfer)
     if kind == "scratch":  # the same views as the distilled student
         student = first if names == [""] else method.build_students(
             first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
@@ -299,7 +302,4 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
                      teacher_features=transfer_features, augment=augment, **budget)
     return result.students, result.resumed_s
 
-
-def _augment(config: RunConfig):
-    return build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
 

@@ -45,7 +45,8 @@ def open_or_build(config: RunConfig, index: int, teacher: Teacher, splits: Split
     """Teacher ``index``'s soft-label cache of the transfer set, opened or built; with ``tap``, its
     feature cache at that module path instead (:mod:`softkd.cache.features`: one shard, no views)."""
     d = config.data
-    augment = None if tap is not None else build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed)
+    augment = None if tap is not None else build_augment(d.augment, shift=d.shift, seed=d.seed, alpha=d.mixup_alpha,
+                                                         pool=splits.train)
     views = 1 if tap is not None else config.cache.views
     preprocessing = {"augment": augment.describe()} if augment is not None else None
     if tap is not None:

@@ -90,6 +90,9 @@ def dkd_objective(
     term). ``standardize`` z-scores both logits before the temperature (Sun et al. 2024; CE
     keeps the raw logits). Returns ``{"loss", "ce", "tckd", "nckd"}`` (the last two with T²).
     """
+    if labels.is_floating_point():
+        raise ConfigError("DKD splits each student output at its sample's target class, and blended labels "
+                          "(data.augment: mixup) have none; use soft-target or dist with mixup, or another augment.")
     target = dkd_target(labels, teacher_logits)
     kd_student, kd_teacher = student_logits, teacher_logits
     if standardize:

@@ -245,6 +245,12 @@ def supervised_objective(
     return {"loss": ce, "ce": ce.detach()}
 
 
+def label_mass(labels: torch.Tensor) -> torch.Tensor:
+    """How much label a batch carries, the denominator of :func:`cross_entropy`: the number of
+    labeled samples, or the sum of label targets (B, C)."""
+    return labels.sum() if labels.is_floating_point() else (labels >= 0).sum()
+
+
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -254,11 +260,23 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy over labeled (label >= 0), unmasked samples; 0 when there are none.
 
-    Any negative label is ignored (-1 is softkd's, -100 PyTorch's convention).
+    Any negative label is ignored (-1 is softkd's, -100 PyTorch's convention). ``labels`` may
+    also be label targets (B, C), floats (mixup's blends, :meth:`softkd.data.augment.Mixup.mix_labels`):
+    then it is ``Σ_i −Σ_c y_ic · log q_ic`` over the label mass ``Σ y`` (:func:`label_mass`), which
+    is the plain mean when every row is one label.
     """
     logits = _compute_dtype(logits.reshape(-1, logits.shape[-1]))
     if labels is None:
         return logits.sum() * 0.0
+    if labels.is_floating_point():
+        targets = labels.reshape(-1, logits.shape[-1]).to(logits.dtype)
+        if mask is not None:
+            keep = mask.reshape(-1).bool()
+            # Masked rows (padding) may hold anything, NaN included: zeroed, or NaN would reach the gradient.
+            logits = torch.where(keep[:, None], logits, torch.zeros_like(logits))
+            targets = targets * keep[:, None]
+        total = -(targets * torch.log_softmax(logits, dim=-1)).sum()
+        return _divide(total, targets.sum() if count is None else count)
     labels = labels.reshape(-1)
     labeled = labels >= 0
     if mask is None:

@@ -19,6 +19,7 @@ from softkd.data.datasets import as_dataset
 from softkd.data.loader import build_loader
 from softkd.errors import ConfigError
 from softkd.evaluate.metrics import evaluate
+from softkd.losses.logits import label_mass
 from softkd.methods.base import Method
 from softkd.methods.supervised import Supervised
 from softkd.train.checks import check_classes
@@ -202,6 +203,11 @@ def fit(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         return _augmented(batch, augment, epoch, views) if augment is not None else batch
 
+    def train_labels(epoch: int) -> Callable[[dict], torch.Tensor]:
+        if not hasattr(augment, "mix_labels"):
+            return lambda batch: batch["y"]
+        return lambda batch: augment.mix_labels(batch["y"], batch["id"], augment.pick(batch["id"], epoch, views))
+
     def one_step(batch: dict) -> torch.Tensor:  # what a CUDA graph records
         opt.zero_grad(set_to_none=True)
         values = forward_backward(batch, {}, cache=False)
@@ -224,7 +230,7 @@ def fit(
         if getattr(micro_batches, "lazy", False):
             group = [micro_batches.gather(b["index"]) for b in group]
         opt.zero_grad(set_to_none=True)
-        counts = _counts(group) if len(group) > 1 or dist.world > 1 else {}
+        counts = _counts(group, train_labels(epoch)) if len(group) > 1 or dist.world > 1 else {}
         summed = None  # this step's terms on the device (in terms_log's order): reading them would wait for it
         for batch, sync, weight in dist.share(group, accumulate):
             with dist.no_sync(wrapped, sync):
@@ -321,6 +327,8 @@ def _augmented(batch: dict, augment, epoch: int, views: int | None) -> dict:
     """The batch with each sample's view of this epoch, and that view's cached teacher logits."""
     view = augment.pick(batch["id"], epoch, views)
     batch = dict(batch, x=augment(batch["x"], batch["id"], view))
+    if hasattr(augment, "mix_labels"):  # mixup: the labels blend as the inputs did
+        batch["y"] = augment.mix_labels(batch["y"], batch["id"], view)
     if batch.get("teacher_logits") is not None and views is not None:  # (B, K, ...) -> (B, ...)
         view = view.to(batch["teacher_logits"].device)
         batch["teacher_logits"] = batch["teacher_logits"][torch.arange(len(view), device=view.device), view]
@@ -358,9 +366,10 @@ def _trainables(model: nn.Module, objective, train_data, extras, seed: int) -> t
     return device, parts, trainable_parameters(model, *parts)
 
 
-def _counts(group: list[dict]) -> dict:
-    """The whole step's labeled and total sample counts: every micro-batch is normalised by them."""
-    return {"labeled_count": sum(int((b["y"] >= 0).sum()) for b in group),
+def _counts(group: list[dict], labels: Callable[[dict], torch.Tensor]) -> dict:
+    """The whole step's label mass (:func:`softkd.losses.logits.label_mass` of each micro-batch's
+    ``labels(batch)``) and sample count: every micro-batch is normalised by them."""
+    return {"labeled_count": sum(float(label_mass(labels(b))) for b in group),
             "sample_count": sum(b["x"].shape[0] for b in group)}
 
 
