@@ -247,8 +247,9 @@ def supervised_objective(
 
 def label_mass(labels: torch.Tensor) -> torch.Tensor:
     """How much label a batch carries, the denominator of :func:`cross_entropy`: the number of
-    labeled samples, or the sum of label targets (B, C)."""
-    return labels.sum() if labels.is_floating_point() else (labels >= 0).sum()
+    labeled samples, or the sum of label targets (B, C), in float64 so that a step's micro-batches
+    add up to what the whole batch sums to."""
+    return labels.sum(dtype=torch.float64) if labels.is_floating_point() else (labels >= 0).sum()
 
 
 def cross_entropy(
@@ -276,7 +277,7 @@ def cross_entropy(
             logits = torch.where(keep[:, None], logits, torch.zeros_like(logits))
             targets = targets * keep[:, None]
         total = -(targets * torch.log_softmax(logits, dim=-1)).sum()
-        return _divide(total, targets.sum() if count is None else count)
+        return _divide(total, label_mass(targets) if count is None else count)
     labels = labels.reshape(-1)
     labeled = labels >= 0
     if mask is None:
