@@ -122,7 +122,7 @@ def test_accumulated_micro_batches_with_mixup_equal_one_large_batch():
         for accumulate in (1, 4):
             model = build_model("mlp-32", input_shape=(1, 8, 8), num_classes=10)
             model.load_state_dict(base.state_dict())
-            softkd.fit(model, data, objective=objective, augment=Mixup(seed=2).bind(data), batch_size=256,
+            softkd.fit(model, data, objective=objective, augment=Mixup(seed=2), batch_size=256,  # bound by fit
                        accumulate=accumulate, max_steps=1, optimizer="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
             weights[accumulate] = model.state_dict()
         assert max(float((weights[1][k] - base.state_dict()[k]).abs().max()) for k in weights[1]) > 1e-3

@@ -100,7 +100,8 @@ def fit(
     ``augment`` (e.g. :class:`softkd.data.augment.ShiftFlip`) replaces each training batch's
     inputs by one seeded view per sample: with ``views`` = K, view ``augment.pick(id, epoch, K)``
     of the K a soft-label cache holds, and ``teacher_logits`` extras of shape (N, K, C) give that
-    view's logits; without ``views``, a fresh view every epoch.
+    view's logits; without ``views``, a fresh view every epoch. A :class:`~softkd.data.augment.Mixup`
+    without a pool draws its partners from ``train_data``, and blends the labels too.
 
     ``batch_size`` is the batch of one optimizer step; ``accumulate`` splits it into that many
     micro-batches whose losses are normalised by the whole batch's labeled and total sample
@@ -131,6 +132,8 @@ def fit(
                           f"the number of processes ({dist.world}).")
     objective = objective if objective is not None else Supervised()
     train_data = as_dataset(train_data, name="train_data")
+    if getattr(augment, "pool", False) is None:  # mixup's partners: the data it trains on
+        augment = augment.bind(train_data)
     # Every process walks the same micro-batches of the global order and trains on its share
     # of each step (see step()); in-memory data makes walking the others' shares free.
     micro_batches = build_loader(train_data, batch_size=batch_size // (accumulate * dist.world), shuffle=True,
