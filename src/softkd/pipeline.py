@@ -240,6 +240,11 @@ def _save_config(config: RunConfig, out: Path) -> None:
     Distributed().on_main(lambda: atomic_write_text(out / "config.yaml", dump_config(config)))
 
 
+def teacher_key(config: RunConfig) -> str:
+    """The stage key of the teacher a run trains: its data and teacher settings."""
+    return stage_hash(config.data.key(exclude={"labeled_fraction"}), _teacher_key(config.teacher))
+
+
 def _teacher_key(t, mode: str = "python") -> dict:
     """The trained teacher's settings (without augmentation when it has none, so the teachers
     trained before ``teacher.augment`` existed stay up to date)."""
@@ -261,7 +266,7 @@ def _teacher_stage(config: RunConfig, teachers: list, splits: Splits, out: Path,
     if t.checkpoint:
         logger.skip(t.epochs, "teacher (loaded)")
         return stage_hash("checkpoint", hashlib.sha256(Path(t.checkpoint).read_bytes()).hexdigest())
-    key = stage_hash(config.data.key(exclude={"labeled_fraction"}), _teacher_key(t))
+    key = teacher_key(config)
     weights = out / "teacher.safetensors"
     if read_stamp(out / "teacher.json", key) is not None and weights.is_file():
         load_weights(teacher, weights)
