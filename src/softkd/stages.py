@@ -16,7 +16,7 @@ import torch
 
 from softkd.cache.for_run import feature_caches, features_cached, transfer_logits
 from softkd.config import RunConfig
-from softkd.data.augment import build_augment
+from softkd.data.augment import augment_of
 from softkd.data.datasets import Splits
 from softkd.data.loader import build_loader
 from softkd.evaluate.metrics import detailed_metrics, predict
@@ -290,8 +290,7 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
                   patience=train.patience, monitor=train.monitor, seed=seed,
                   checkpoint_every=train.checkpoint_every, keep_last=train.keep_last, log=log,
                   log_every=train.log_every, **checkpointing)
-    augment = build_augment(config.data.augment, shift=config.data.shift, seed=config.data.seed,
-                            alpha=config.data.mixup_alpha, pool=transfer)
+    augment = augment_of(config.data, pool=transfer)
     if kind == "scratch":  # the same views as the distilled student
         student = first if names == [""] else method.build_students(
             first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]

@@ -13,7 +13,7 @@ from softkd.cache.fingerprint import fingerprint, ids_sha256
 from softkd.cache.format import CacheError
 from softkd.cache.soft_labels import SoftLabelCache
 from softkd.config import RunConfig
-from softkd.data.augment import build_augment
+from softkd.data.augment import augment_of
 from softkd.data.datasets import Splits
 from softkd.data.loader import build_loader
 from softkd.models.teacher import Teacher
@@ -45,8 +45,7 @@ def open_or_build(config: RunConfig, index: int, teacher: Teacher, splits: Split
     """Teacher ``index``'s soft-label cache of the transfer set, opened or built; with ``tap``, its
     feature cache at that module path instead (:mod:`softkd.cache.features`: one shard, no views)."""
     d = config.data
-    augment = None if tap is not None else build_augment(d.augment, shift=d.shift, seed=d.seed, alpha=d.mixup_alpha,
-                                                         pool=splits.train)
+    augment = None if tap is not None else augment_of(d, pool=splits.train)
     views = 1 if tap is not None else config.cache.views
     preprocessing = {"augment": augment.describe()} if augment is not None else None
     if tap is not None:

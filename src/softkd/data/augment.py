@@ -171,3 +171,8 @@ def build_augment(name: str | None, *, shift: int = 2, seed: int = 0, alpha: flo
     if name == "mixup":
         return Mixup(alpha=alpha, seed=seed, pool=pool)
     return ShiftFlip(shift=shift, flip=name == "shift-flip", seed=seed)
+
+
+def augment_of(data, pool=None) -> ShiftFlip | Mixup | None:
+    """The students' augmentation a run's ``data`` config names, mixup drawing from ``pool``."""
+    return build_augment(data.augment, shift=data.shift, seed=data.seed, alpha=data.mixup_alpha, pool=pool)
