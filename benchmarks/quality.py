@@ -11,7 +11,9 @@ cell is one (student, regime, method, seed); `run` runs each missing cell as `so
 config it writes (the matrix's base, the student's teacher checkpoint, the regime, the method, one
 seed) into one folder per student and regime, so the scratch twin, the soft-label cache and the
 teacher's test pass are shared by the methods; it adds the cell to the results JSON as soon as it
-finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), so a
+finishes, with the accuracies of the scratch twin its own run trained beside it (``twin``), and
+copies its report and distilled student into the folder's ``cells/<method>-seed<seed>/`` (the
+next method's run rewrites the folder's own), so a
 long CPU run can stop anywhere and continue later, and a cell rerun elsewhere (another CPU's
 kernels give another scratch twin) changes only its own row. A cell stopped midway starts over,
 unless its budget sets `train.checkpoint_every`: then its students save their full state at each
@@ -38,6 +40,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +197,7 @@ def run(matrix_path: Path, results: Path, out: Path, only: list[str], device: st
             print(f"{cell['name']}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         _save(results, cell_results(cell, folder, wall), matrix_path)
+        keep(cell, folder)
         print(f"{cell['name']}: {wall / 60:.1f} min", flush=True)
 
 
@@ -204,6 +208,22 @@ def _teacher(matrix: dict, name: str, env: dict) -> None:
     print(f"training teacher {name} ({teacher['config']} -> {teacher['folder']})", flush=True)
     subprocess.run([sys.executable, "-m", "softkd.cli", "teacher", teacher["config"], "--out", teacher["folder"],
                     "--resume"], cwd=ROOT, env=env, check=True)
+
+
+def keep(cell: dict, folder: Path) -> Path:
+    """Copy the cell's report and distilled student into ``folder/cells/<method>-seed<seed>/``: the
+    methods of a folder share its scratch twin, and each run rewrites the folder's report and
+    ``students/distilled-*``. Each file lands whole (written beside, then renamed)."""
+    kept = folder / "cells" / f"{cell['method']}-seed{cell['seed']}"
+    kept.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"report.{ext}" for ext in ("json", "md", "html")]
+    files += sorted((folder / "students").glob(f"distilled-labels*-seed{cell['seed']}.*"))
+    for source in files:
+        if source.is_file():
+            partial = kept / (source.name + ".partial")
+            shutil.copyfile(source, partial)
+            os.replace(partial, kept / source.name)
+    return kept
 
 
 def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:

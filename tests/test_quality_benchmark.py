@@ -54,6 +54,17 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     stamp = json.loads((tmp_path / "runs" / "mlp-16-10pct" / "students" / "scratch-labels0.1-seed0.json").read_text())
     assert twin["accuracy"] == stamp["result"]["accuracy"] and 0.1 < twin["accuracy"] <= 1 and twin["train_s"] > 0
     assert by_name["mlp-16/10%/auto/0"]["twin"] == twin  # soft-target and auto share the folder's scratch student
+    # each cell's distilled student and report are kept: the next method's run rewrote the folder's own
+    folder = tmp_path / "runs" / "mlp-16-10pct"
+    for method in ("soft-target", "auto", "recipe"):
+        kept = folder / "cells" / f"{method}-seed0"
+        stamp = json.loads((kept / "distilled-labels0.1-seed0.json").read_text())["result"]
+        assert stamp["accuracy"] == by_name[f"mlp-16/10%/{method}/0"]["accuracy"]
+        assert json.loads((kept / "report.json").read_text())["method"] == by_name[f"mlp-16/10%/{method}/0"]["settings"]
+        assert (kept / "distilled-labels0.1-seed0.safetensors").is_file() and (kept / "report.md").is_file()
+        assert not list(kept.glob("*.partial"))
+    assert (json.loads((folder / "report.json").read_text())["method"]
+            == by_name["mlp-16/10%/recipe/0"]["settings"] != by_name["mlp-16/10%/soft-target/0"]["settings"])
 
     again = _quality("run", *paths, "--out", tmp_path / "runs", "--only", "/10%/", "--only", "/0")
     assert again == ""  # every selected cell is done: nothing runs twice
