@@ -210,7 +210,7 @@ def _teacher(matrix: dict, name: str, env: dict) -> None:
                     "--resume"], cwd=ROOT, env=env, check=True)
 
 
-def keep(cell: dict, folder: Path) -> Path:
+def keep(cell: dict, folder: Path) -> None:
     """Copy the cell's report and distilled student into ``folder/cells/<method>-seed<seed>/``: the
     methods of a folder share its scratch twin, and each run rewrites the folder's report and
     ``students/distilled-*``. Each file lands whole (written beside, then renamed)."""
@@ -223,7 +223,6 @@ def keep(cell: dict, folder: Path) -> Path:
             partial = kept / (source.name + ".partial")
             shutil.copyfile(source, partial)
             os.replace(partial, kept / source.name)
-    return kept
 
 
 def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:
