@@ -164,7 +164,7 @@ def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
 
     for seed in (0, 1):
         for method in ("soft-target", "auto"):
-            quality._save(results, cell(method, seed, 0.90, 0.88, "AVX512"), tmp_path / "m.yaml")
+            quality.save_cell(results, cell(method, seed, 0.90, 0.88, "AVX512"), tmp_path / "m.yaml")
 
     def rows():
         return {line.split(" | ")[2]: line for line in quality.table(tmp_path / "m.yaml", results).splitlines()
@@ -172,7 +172,7 @@ def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
 
     before = rows()
     assert "| 88.0 ± 0.0 | 90.0 ± 0.0 | +2.0 |" in before["soft-target"] and "kernel" not in "".join(before.values())
-    quality._save(results, cell("auto", 1, 0.89, 0.85, "AVX2"), tmp_path / "m.yaml")  # rerun elsewhere
+    quality.save_cell(results, cell("auto", 1, 0.89, 0.85, "AVX2"), tmp_path / "m.yaml")  # rerun elsewhere
     after = rows()
     assert after["soft-target"] == before["soft-target"]
     assert "| 86.5 ± 2.1 | 89.5 ± 0.7 | +3.0 |" in after["auto"], after["auto"]
@@ -206,8 +206,8 @@ def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_it
                 "twin": {"accuracy": 0.85, "val_accuracy": 0.85, "train_s": 60.0}}
 
     results = tmp_path / "q.json"
-    quality._save(results, done("all", matrix["students"]["mlp-16"]["recipe"]["all"]["method"]), tmp_path / "m.yaml")
-    quality._save(results, done("10%", few["method"], "longer"), tmp_path / "m.yaml")
+    quality.save_cell(results, done("all", matrix["students"]["mlp-16"]["recipe"]["all"]["method"]), tmp_path / "m.yaml")
+    quality.save_cell(results, done("10%", few["method"], "longer"), tmp_path / "m.yaml")
     assert quality.plan(tmp_path / "m.yaml", results).splitlines()[-1] == "2 of 2 cells done"
 
     # the 10% regime's validation split now chooses another recipe: its cell ran other settings
