@@ -154,7 +154,7 @@ def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:
             "seed": seed, "teacher": report["teacher"]["model"], "teacher_accuracy": report["teacher"]["accuracy"],
             "softkd": report["versions"]["softkd"], "torch": report["versions"]["torch"],
             "device": report["hardware"]["device"],
-            **({"cpu_kernels": report["hardware"]["cpu_kernels"]} if "cpu_kernels" in report["hardware"] else {}),
+            **cell_kernels(report, scratch, distilled),
             "settings": report["method"],
             **({"budget": cell["settings"]["budget"]} if cell["settings"].get("budget") else {}),
             "accuracy": distilled["accuracy"], "val_accuracy": distilled.get("val_accuracy"),
@@ -162,6 +162,15 @@ def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:
             **({"chosen": distilled["chosen"], "search": distilled["search"]} if "search" in distilled else {}),
             "wall_s": round(wall_s, 1),
             "twin": {k: scratch.get(k) for k in ("accuracy", "val_accuracy", "train_s")}}
+
+
+def cell_kernels(report: dict, *stamps: dict) -> dict:
+    """``cpu_kernels``: the CPU kernel sets the cell's students trained on, over every sitting
+    ('AVX2', 'AVX2 + AVX512'); from a run before the stamps kept them, the run's own."""
+    trained = {k for stamp in stamps for k in stamp.get("cpu_kernels", ())}
+    if trained:
+        return {"cpu_kernels": " + ".join(sorted(trained))}
+    return {"cpu_kernels": report["hardware"]["cpu_kernels"]} if "cpu_kernels" in report["hardware"] else {}
 
 
 def plan(matrix_path: Path, results: Path) -> str:
@@ -202,7 +211,7 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
                 minutes = [c["train_s"] / 60 for c in done if c.get("train_s") is not None]
                 if method.startswith("auto"):  # every candidate run is the search's cost
                     minutes = [c["search"]["train_s"] / 60 for c in done if "search" in c]
-                if len({c.get("cpu_kernels") for c in done}) > 1:
+                if len({k for c in done for k in str(c.get("cpu_kernels")).split(" + ")}) > 1:
                     mixed.append(f"{student} {regime} {method}")
                 lines.append(
                     f"| {label} | {regime} | {method} | {'' if teacher is None else f'{100 * teacher:.1f}'} "
@@ -211,8 +220,8 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
                     f"| {_verdict(outcome(scratch, distilled)[0])} | {len(done)} "
                     f"| {_mean(minutes):.1f}{' (all candidates)' if method.startswith('auto') else ''} |")
     if mixed:
-        lines.append(f"\nSeeds run on different CPU kernel sets (each cell's `cpu_kernels`) in: {'; '.join(mixed)}. "
-                     "Each seed's change is against the scratch twin of its own run.")
+        lines.append(f"\nTrained on more than one CPU kernel set (each cell's `cpu_kernels`: its students', over every "
+                     f"sitting) in: {'; '.join(mixed)}. Each seed's change is against the scratch twin of its own run.")
     return "\n".join(lines)
 
 

@@ -168,6 +168,49 @@ def test_a_resumed_run_counts_the_seconds_it_trained_before_it_stopped(tmp_path,
     assert again.resumed_s == 0.0
 
 
+_FIRST_SITTING = """
+import sys, torch, softkd
+from softkd.data.datasets import digits
+from softkd.models import build_model
+
+def stop(n):
+    if n == 6:
+        raise SystemExit(3)
+
+torch.manual_seed(0)
+model = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+softkd.fit(model, digits(val_fraction=0.1, seed=0).train, epochs=1, batch_size=64, checkpoint_dir=sys.argv[1],
+           checkpoint_every=4, resume=True, on_step=stop)
+"""
+
+
+def test_a_run_resumed_on_other_cpu_kernels_records_every_kernel_set_it_trained_on(tmp_path, digit_splits):
+    # The first sitting runs torch's portable kernels (ATEN_CPU_CAPABILITY=default, another
+    # process), the second this machine's: CPU figures differ in their last bits between kernel
+    # sets, so the run says it trained on both. A checkpoint from before they were kept: "not recorded".
+    here = torch.backends.cpu.get_cpu_capability()
+    if here == "DEFAULT":
+        pytest.skip("this machine's CPU has only the portable kernels")
+    first = subprocess.run([sys.executable, "-c", _FIRST_SITTING, str(tmp_path)], capture_output=True, text=True,
+                           env=dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1"))
+    assert first.returncode == 3, first.stderr
+    (path,) = sorted(tmp_path.glob("ckpt-*.pt"))
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 4 and saved["cpu_kernels"] == ["DEFAULT"]
+    torch.manual_seed(0)
+    model = build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10)
+    common = dict(epochs=1, batch_size=64, checkpoint_every=4, resume=True)
+    resumed = softkd.fit(copy.deepcopy(model), digit_splits.train, checkpoint_dir=tmp_path, **common)
+    assert resumed.steps > saved["step"] and resumed.cpu_kernels == sorted(["DEFAULT", here])
+    assert softkd.fit(copy.deepcopy(model), digit_splits.train, **common).cpu_kernels == [here]  # no checkpoint
+
+    del saved["cpu_kernels"]  # as written before checkpoints kept them
+    (tmp_path / "old").mkdir()
+    torch.save(saved, tmp_path / "old" / path.name)
+    old = softkd.fit(copy.deepcopy(model), digit_splits.train, checkpoint_dir=tmp_path / "old", **common)
+    assert old.cpu_kernels == sorted([here, "not recorded"])
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_trains_without_nan_and_matches_fp32(digit_splits, trained_teacher, precision):
     results = {}

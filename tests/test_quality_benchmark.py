@@ -176,9 +176,11 @@ def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
     after = rows()
     assert after["soft-target"] == before["soft-target"]
     assert "| 86.5 ± 2.1 | 89.5 ± 0.7 | +3.0 |" in after["auto"], after["auto"]
-    assert quality.table(tmp_path / "m.yaml", results).endswith(
-        "different CPU kernel sets (each cell's `cpu_kernels`) in: mlp-16 all auto. "
-        "Each seed's change is against the scratch twin of its own run.")
+    note = "kernel set (each cell's `cpu_kernels`: its students', over every sitting) in: {}. Each seed's change"
+    assert note.format("mlp-16 all auto") in quality.table(tmp_path / "m.yaml", results)
+    # one cell whose students trained on two kernel sets (resumed on another CPU) is named too
+    quality.save_cell(results, cell("soft-target", 1, 0.90, 0.88, "AVX2 + AVX512"), tmp_path / "m.yaml")
+    assert note.format("mlp-16 all auto; mlp-16 all soft-target") in quality.table(tmp_path / "m.yaml", results)
 
 
 def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_its_cells(tmp_path):
@@ -329,6 +331,8 @@ def test_a_stopped_cell_with_checkpoints_continues_where_it_stopped_to_the_same_
     after = sum(r["epoch_s"] for r in records
                 if r["stage"] == "scratch" and "kind" not in r and r.get("epoch", 0) >= saved["epoch"])
     assert resumed["twin"]["train_s"] >= saved["train_s"] + after
+    # both sittings on this CPU: one kernel set, as for the cell that never stopped
+    assert resumed["cpu_kernels"] == clean["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     for kind in ("scratch", "distilled"):
         a, b = (load_file(root / "mlp-16-all-saved" / "students" / f"{kind}-labels1-seed0.safetensors")
                 for root in (tmp_path / "clean", tmp_path / "runs"))

@@ -9,6 +9,7 @@ import shutil
 import struct
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from softkd.cli import app
@@ -131,6 +132,33 @@ def test_old_stamps_without_detail_are_completed_without_training(run_dir, tmp_p
     assert (copy / "metrics.jsonl").read_text().count('"epoch_s"') == before  # nothing trained again
     assert json.loads(stamp.read_text())["result"]["detail"]["confusion"] is not None
     assert report["students"]["mlp-8"]["regimes"]["100% labels"]["distilled"]["detail"] is not None
+
+
+def test_the_report_says_when_its_students_trained_on_other_cpu_kernels(run_dir, tmp_path):
+    # CPU figures differ in their last bits between kernel sets: each student's stamp records the
+    # sets it trained on; a student reused from a run elsewhere (or with no record) is named in the report.
+    here = torch.backends.cpu.get_cpu_capability()
+    report = json.loads((run_dir / "report.json").read_text())
+    stamps = [json.loads(p.read_text())["result"] for p in (run_dir / "students").glob("*.json")]
+    assert len(stamps) == 8 and all(s["cpu_kernels"] == [here] for s in stamps)
+    assert report["hardware"]["students_cpu_kernels"] == [here]
+    assert "Its students trained on" not in (run_dir / "report.md").read_text()
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for name, kernels in [("scratch-labels1-seed1", ["ELSEWHERE"]), ("distilled-labels0.5-seed0", None)]:
+        stamp = copy / "students" / f"{name}.json"
+        record = json.loads(stamp.read_text())
+        if kernels is None:
+            del record["result"]["cpu_kernels"]  # as softkd 0.4.0 wrote it
+        else:
+            record["result"]["cpu_kernels"] = kernels
+        stamp.write_text(json.dumps(record))
+    report = run_experiment(RunConfig.model_validate(TINY), out_dir=copy)
+    trained = sorted(["ELSEWHERE", here, "not recorded"])
+    assert report["hardware"]["students_cpu_kernels"] == trained
+    note = f"Its students trained on CPU kernels {', '.join(trained)} (over resumed sittings, or reused"
+    assert note in (copy / "report.md").read_text() and note in (copy / "report.html").read_text()
 
 
 def test_softkd_report_renders_one_run_again_and_compares_several(run_dir, tmp_path):

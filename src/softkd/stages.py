@@ -26,7 +26,7 @@ from softkd.models.weights import load_weights, save_weights
 from softkd.models.zoo import count_params
 from softkd.train.distill import distill
 from softkd.train.distributed import Distributed
-from softkd.train.loop import fit
+from softkd.train.loop import FitResult, fit
 from softkd.train.runtime import inference_batch_size, resident, select_device
 from softkd.utils import atomic_write_bytes, atomic_write_text
 
@@ -174,10 +174,10 @@ class StudentStages:
         run_key = {"teacher": self.teacher_key, "kind": kind, "labeled_fraction": fraction,
                    "student": config.student.model_dump(mode="json"), "train": train_key(config), **twin, **setting}
         started = time.perf_counter()
-        trained, resumed_s = train_students(kind, config, method, self.splits, transfer, self.teachers,
-                                            self.transfer_logits, self.transfer_features, seed, log, names,
-                                            checkpoint_dir=resume_from, resume=self.resume, run_key=run_key)
-        train_s = time.perf_counter() - started + resumed_s  # a resumed run's earlier sittings count too
+        trained, fitted = train_students(kind, config, method, self.splits, transfer, self.teachers,
+                                         self.transfer_logits, self.transfer_features, seed, log, names,
+                                         checkpoint_dir=resume_from, resume=self.resume, run_key=run_key)
+        train_s = time.perf_counter() - started + fitted.resumed_s  # a resumed run's earlier sittings count too
         results = []
         for name in names:
             student = trained[name]
@@ -187,7 +187,8 @@ class StudentStages:
                       **({"setting": tag, "method": method.key()} if tag else {}),
                       "num_labeled": transfer.num_labeled, "transfer_size": len(transfer),
                       **self.test_metrics(logits, labels), **self._val_accuracy(student),
-                      "params": count_params(student), "train_s": train_s}
+                      "params": count_params(student), "train_s": train_s,
+                      "cpu_kernels": fitted.cpu_kernels}  # every sitting's: CPU results differ between them
             dist.on_main(lambda: save_student(self.out, files[name], student, keys[name], result))
             results.append({**result, "file": files[name], "key": keys[name]})
         if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
@@ -271,10 +272,10 @@ def checkpoint_folder(config: RunConfig, folder: Path, resume: bool) -> Path | N
 
 
 def train_students(kind, config: RunConfig, method, splits: Splits, transfer, teachers, transfer_logits,
-                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> tuple[dict, float]:
+                    transfer_features, seed: int, log, names: list[str], **checkpointing) -> tuple[dict, FitResult]:
     """The students ``names`` of one stage, trained, by name: each from the same initial weights and
     with the same data and budget as its twin of the other kind; only the objective differs. With
-    them, the seconds trained before a resume (0 when the stage did not resume)."""
+    them, the run's FitResult (the seconds trained before a resume, the CPU kernel sets trained on)."""
     torch.manual_seed(seed)
     first = resolve_model(config.student.model, input_shape=splits.train.input_shape,
                           num_classes=splits.train.num_classes, kwargs=config.student.kwargs)
@@ -296,9 +297,9 @@ def train_students(kind, config: RunConfig, method, splits: Splits, transfer, te
             first, seed=seed, input_shape=splits.train.input_shape, num_classes=splits.train.num_classes)[names[0]]
         views = config.cache.views if augment is not None and config.cache.enabled else None
         result = fit(student, transfer, augment=augment, views=views, **budget)
-        return {names[0]: result.model}, result.resumed_s
+        return {names[0]: result.model}, result
     result = distill(first, teachers, transfer, method=method.params, teacher_logits=transfer_logits,
                      teacher_features=transfer_features, augment=augment, **budget)
-    return result.students, result.resumed_s
+    return result.students, result
 
 

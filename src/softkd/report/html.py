@@ -13,7 +13,8 @@ from softkd.report.compare import HEADERS as COMPARISON_HEADERS
 from softkd.report.compare import comparison_cells
 from softkd.report.curves import epoch_records
 from softkd.report.search import SEARCH_HEADERS, search_tables
-from softkd.report.summary import HEADERS, cascade_note, device_words, headlines_of, in_words, table_rows
+from softkd.report.summary import (HEADERS, cascade_note, device_words, headlines_of, in_words, kernels_note,
+                                   table_rows)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 68rem;
@@ -79,7 +80,7 @@ def _run_section(run_dir: Path, report: dict, *, heading: bool) -> str:
     hw, versions = report.get("hardware", {}), report.get("versions", {})
     out.append(f"<p class='meta'>Ran on {_e(device_words(hw))}, {_e(hw.get('precision', '?'))}; softkd "
                f"{_e(versions.get('softkd', '?'))}, torch {_e(versions.get('torch', '?'))}; created "
-               f"{_e(report.get('created', '?'))}.</p>")
+               f"{_e(report.get('created', '?'))}.{_e(kernels_note(hw))}</p>")
     out.append("<details><summary>Resolved config</summary><pre>"
                f"{_e(json.dumps(report.get('config', {}), indent=2))}</pre></details>")
     return "\n".join(out)

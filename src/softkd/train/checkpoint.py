@@ -130,7 +130,7 @@ def snapshot(model, objective, opt, scheduler, scaler, result, run: RunState, ep
         "stale": run.stale,
         "best_state": run.best_state, "best_score": result.best_score, "best_epoch": result.best_epoch,
         "history": result.history, "stopped_by": result.stopped_by, "rng": rngs, "run_key": run_key,
-        "train_s": train_s,
+        "train_s": train_s, "cpu_kernels": result.cpu_kernels,
     }
 
 
@@ -148,6 +148,7 @@ def restore(saved: dict, model, objective, opt, scheduler, scaler, result, *, ra
     result.stopped_by = saved["stopped_by"]
     result.epochs = saved["epoch"] - 1
     result.resumed_s = saved.get("train_s", 0.0)  # absent from checkpoints written before it was kept
+    result.cpu_kernels = sorted({*saved.get("cpu_kernels", ["not recorded"]), *result.cpu_kernels})
     return RunState(epoch=saved["epoch"], done=saved["done"], epoch_start=saved["epoch_start"],
                     totals=dict(saved["totals"]), seen=saved["seen"], stale=saved["stale"],
                     best_state=saved["best_state"])

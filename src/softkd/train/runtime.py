@@ -43,6 +43,12 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def cpu_kernels() -> str:
+    """The CPU kernel set torch runs here ('AVX2', 'AVX512'...): CPU results differ in their last
+    bits between kernel sets (README: Reproducibility), so reports and stamps record it."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def resident(device: torch.device, *items):
     """``items`` (ArrayDatasets or tensors; None passes through) moved once to ``device`` when it is
     a CUDA GPU and they fill at most a quarter of its free memory: batches are then gathered on
