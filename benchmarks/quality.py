@@ -51,10 +51,9 @@ import yaml
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # the sibling module, also when a test loads this file by its path
     sys.path.insert(0, HERE)
-# What the matrix names and which cells are done; this script runs cells and renders tables. The
-# names it does not use itself are its API too (`quality.cells(...)`).
-from quality_matrix import (ROOT, budget_of, cells, load_matrix, load_results, recipe_of, save_cell,  # noqa: E402,F401
-                            stale, states, student_methods)
+# What the matrix names and which cells are done; this script runs cells and renders tables.
+from quality_matrix import (ROOT, budget_of, load_matrix, load_results, save_cell, stale, states,  # noqa: E402
+                            student_methods)
 
 MATRIX = ROOT / "benchmarks" / "quality.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
@@ -192,8 +191,8 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     matrix = load_matrix(matrix_path)
     by_name = {c["name"]: c for c in load_results(results)["cells"]}
     key, teacher_key = ("accuracy", "teacher_accuracy") if split == "test" else ("val_accuracy", None)
-    lines = [f"| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
-             f"| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
+             "| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     mixed = []
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_matrix(path: Path) -> dict:
     """The matrix, each method's budget and each student's methods checked."""
-    matrix = yaml.safe_load(path.read_text())
+    matrix = read_matrix(path)
     for settings in matrix["methods"].values():
         budget_of(matrix, settings)
     for student, spec in matrix["students"].items():
@@ -29,6 +29,28 @@ def load_matrix(path: Path) -> dict:
             for settings in student_methods(matrix, spec, regime).values():  # the recipe's budget too
                 budget_of(matrix, settings)
     return matrix
+
+
+def read_matrix(path: Path, _seen: tuple = ()) -> dict:
+    """A matrix file. One with ``extends: OTHER.yaml`` (a path beside it) is that matrix with this
+    file's entries merged in: mappings key by key, but a method's settings (a mapping with
+    ``method``: a recipe, a matrix method) and every other value replaced whole. A pending matrix,
+    which trains a candidate recipe's test seeds apart from the published cells, names only what it
+    changes."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise SystemExit(f"Matrix {path} extends itself (through {' -> '.join(p.name for p in _seen)}).")
+    matrix = yaml.safe_load(path.read_text())
+    base = matrix.pop("extends", None)
+    return _merged(read_matrix(path.parent / base, (*_seen, path)), matrix) if base else matrix
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        whole = not isinstance(value, dict) or "method" in value or not isinstance(base.get(key), dict)
+        out[key] = value if whole else _merged(base[key], value)
+    return out
 
 
 def cells(matrix: dict) -> list[dict]:

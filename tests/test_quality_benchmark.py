@@ -144,6 +144,14 @@ def _module():
     return quality
 
 
+def _matrix():
+    """benchmarks/quality_matrix.py: what a matrix names and which cells are done."""
+    spec = importlib.util.spec_from_file_location("quality_matrix_benchmark", SCRIPT.with_name("quality_matrix.py"))
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    return matrix
+
+
 def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
     # soft-target and auto share a run folder and so, on one machine, a scratch twin; a cell rerun on
     # another machine trains another twin, and must not move the row of the method it did not run
@@ -194,7 +202,7 @@ def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_it
                   "all": {"method": {"name": "soft-target", "temperature": 2.0, "beta": 0.5}}, "10%": few}}},
               "methods": {"soft-target": {"method": {"name": "soft-target"}}}}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
-    by_name = {c["name"]: c for c in quality.cells(quality.load_matrix(tmp_path / "m.yaml"))}
+    by_name = {c["name"]: c for c in _matrix().cells(_matrix().load_matrix(tmp_path / "m.yaml"))}
     assert sorted(by_name) == ["mlp-16/10%/recipe/0", "mlp-16/all/recipe/0"]
     assert by_name["mlp-16/10%/recipe/0"]["settings"] == few
     config = quality.run_config(matrix, by_name["mlp-16/10%/recipe/0"], tmp_path, tmp_path / "runs")
@@ -236,6 +244,41 @@ def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_it
     assert result.returncode != 0 and "recipe names regimes ['3%']" in result.stderr
 
 
+def test_a_pending_matrix_extends_the_published_one_and_names_only_the_recipe_it_changes(tmp_path):
+    # a candidate recipe's test seeds run apart from the published cells: the pending matrix changes
+    # one regime's recipe (replaced whole: none of the old method's settings stay) and adds its budget
+    matrix_module = _matrix()
+    published = {"seeds": [0, 1], "regimes": {"all": 1.0, "10%": 0.1},
+                 "base": {"data": {"name": "digits"}, "train": {"epochs": 1}},
+                 "budgets": {"long": {"train": {"epochs": 3}}},
+                 "teachers": {"small": {"model": "tinycnn-8", "folder": "t", "config": "t.yaml"}},
+                 "students": {"mlp-16": {"teacher": "small", "recipe": {
+                     "all": {"budget": "long", "method": {"name": "soft-target", "temperature": 1.0, "beta": 0.9}},
+                     "10%": {"method": {"name": "soft-target", "temperature": 2.0}}},
+                     "recipe_config": {"all": "a.yaml", "10%": "b.yaml"}}},
+                 "methods": {"soft-target": {"method": {"name": "soft-target", "temperature": 4.0}}}}
+    candidate = {"budget": "longer", "method": {"name": "dkd"}}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(published))
+    (tmp_path / "pending").mkdir()
+    (tmp_path / "pending" / "p.yaml").write_text(yaml.safe_dump({
+        "extends": "../q.yaml", "budgets": {"longer": {"train": {"epochs": 6}}},
+        "students": {"mlp-16": {"recipe": {"all": candidate}, "recipe_config": {"all": "c.yaml"}}}}))
+    pending = matrix_module.load_matrix(tmp_path / "pending" / "p.yaml")
+    spec = pending["students"]["mlp-16"]
+    assert spec["recipe"] == {"all": candidate, "10%": published["students"]["mlp-16"]["recipe"]["10%"]}
+    assert spec["recipe_config"] == {"all": "c.yaml", "10%": "b.yaml"} and spec["teacher"] == "small"
+    assert pending["budgets"] == {"long": {"train": {"epochs": 3}}, "longer": {"train": {"epochs": 6}}}
+    assert {k: v for k, v in pending.items() if k not in ("budgets", "students")} == {
+        k: v for k, v in published.items() if k not in ("budgets", "students")}
+    by_name = {c["name"]: c["settings"] for c in matrix_module.cells(pending)}
+    assert by_name["mlp-16/all/recipe/1"] == candidate and by_name["mlp-16/all/soft-target/0"]["method"]["temperature"] == 4
+    assert matrix_module.load_matrix(tmp_path / "q.yaml") == published  # the published matrix is untouched
+
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump({**published, "extends": "pending/p.yaml"}))
+    with pytest.raises(SystemExit, match="extends itself"):
+        matrix_module.load_matrix(tmp_path / "q.yaml")
+
+
 def test_each_recipe_config_trains_what_the_matrix_measured():
     quality = _module()
     root = SCRIPT.parents[1]
@@ -244,7 +287,7 @@ def test_each_recipe_config_trains_what_the_matrix_measured():
     assert recipes
     for student, spec in recipes.items():
         for regime, fraction in matrix["regimes"].items():
-            recipe, path = quality.recipe_of(spec, regime), quality.recipe_of(spec, regime, "recipe_config")
+            recipe, path = _matrix().recipe_of(spec, regime), _matrix().recipe_of(spec, regime, "recipe_config")
             assert (recipe is None) == (path is None), (student, regime)  # every recipe has its config
             if recipe is None:
                 continue
