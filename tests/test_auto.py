@@ -3,6 +3,7 @@ accuracy with scratch among the choices (a tie to scratch), the test split no pa
 search's cost and every candidate's score in the report."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,3 +175,31 @@ def test_distill_refuses_auto_in_one_line(digit_splits, trained_teacher):
     with pytest.raises(ConfigError, match=r"^Method 'auto' is a search over whole training runs, not a loss"):
         softkd.distill(build_model("mlp-8", input_shape=(1, 8, 8), num_classes=10), trained_teacher,
                        digit_splits.train, method="auto", max_steps=1)
+
+
+def test_a_distilled_run_of_a_setting_the_search_tried_reuses_that_candidate(searched, tmp_path):
+    """Pinning a setting the search tried trains nothing: its candidate was that training (a fresh
+    folder trains the same weights, bit for bit). A setting it did not try trains as always."""
+    out, report = searched
+    config = json.loads(json.dumps(report["config"]))
+    config["method"] = {"name": "soft-target", "temperature": 4, "beta": 0.9}
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    shutil.copytree(out, reused)
+    lines = len((reused / "metrics.jsonl").read_text().splitlines())
+    run_experiment(config_from_dict(config), out_dir=reused)
+    run_experiment(config_from_dict(config), out_dir=fresh)
+    records = [json.loads(line) for line in (reused / "metrics.jsonl").read_text().splitlines()[lines:]]
+    assert not [r for r in records if r.get("stage") == "distilled"]  # nothing trained
+    for seed in (0, 1):
+        file, candidate = f"distilled-labels0.1-seed{seed}", f"candidate-{TAGS[3]}-labels0.1-seed{seed}"
+        weights = [folder / "students" / f"{name}.safetensors"
+                   for folder, name in ((reused, file), (fresh, file), (out, candidate))]
+        assert weights[0].read_bytes() == weights[1].read_bytes() == weights[2].read_bytes()
+        assert _stamp(reused, file)["trained_as"] == candidate and "trained_as" not in _stamp(fresh, file)
+        assert _stamp(reused, file)["accuracy"] == _stamp(fresh, file)["accuracy"]
+
+    config["method"]["temperature"] = 2  # not in the grid
+    run_experiment(config_from_dict(config), out_dir=reused)
+    assert "trained_as" not in _stamp(reused, "distilled-labels0.1-seed0")
+    candidate = out / "students" / f"candidate-{TAGS[3]}-labels0.1-seed0.safetensors"
+    assert (reused / "students" / "distilled-labels0.1-seed0.safetensors").read_bytes() != candidate.read_bytes()

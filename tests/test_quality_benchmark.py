@@ -88,7 +88,8 @@ def test_the_matrix_runs_cell_by_cell_continues_later_and_renders_its_table(tmp_
     best = max(auto["candidates"], key=lambda c: c["val_accuracy"])
     (row,) = [line for line in _quality("search", "--results", tmp_path / "q.json").splitlines()
               if line.startswith("| mlp-16")]  # the one search of seed 0: how a recipe would be chosen
-    assert row.startswith(f"| mlp-16 | 10% | auto | base | {100 * auto['scratch_val_accuracy']:.2f} | {best['setting']} "
+    teacher = cells["mlp-16/10%/auto/0"]
+    assert row.startswith(f"| mlp-16 | {teacher['teacher']} ({100 * teacher['teacher_accuracy']:.2f}) | 10% | auto | base | {100 * auto['scratch_val_accuracy']:.2f} | {best['setting']} "
                           f"| {100 * best['val_accuracy']:.2f} |"), row
 
 
@@ -279,10 +280,12 @@ def test_a_pending_matrix_extends_the_published_one_and_names_only_the_recipe_it
         matrix_module.load_matrix(tmp_path / "q.yaml")
 
 
-def test_each_recipe_config_trains_what_the_matrix_measured():
+@pytest.mark.parametrize("name", sorted(p.name for p in SCRIPT.parent.glob("quality*.yaml")))
+def test_each_recipe_config_trains_what_the_matrix_measured(name):
+    """The published matrix, and a pending one while a new recipe's test seeds run."""
     quality = _module()
     root = SCRIPT.parents[1]
-    matrix = quality.load_matrix(quality.MATRIX)
+    matrix = quality.load_matrix(SCRIPT.parent / name)
     recipes = {s: spec for s, spec in matrix["students"].items() if spec.get("recipe")}
     assert recipes
     for student, spec in recipes.items():

@@ -147,13 +147,17 @@ class StudentStages:
             cache_key["features"] = features_cached(config)
         files = {name: f"{kind}{'-' + (tag or name) if (tag or name) else ''}-labels{fraction:g}-seed{seed}"
                  for name in names}
-        keys = {name: stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
-                                 train_key(config), method.key() if distilled else None,
-                                 cache_key if distilled else None, *augment_key(config),
-                                 *([{"student": name, "model": self.specs[name]}] if name else []))
-                for name in names}
+        def key_of(kind, name):
+            return stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
+                              train_key(config), method.key() if distilled else None,
+                              cache_key if distilled else None, *augment_key(config),
+                              *([{"student": name, "model": self.specs[name]}] if name else []))
+
+        keys = {name: key_of(kind, name) for name in names}
         stamps = {name: self.out / "students" / f"{files[name]}.json" for name in names}
         results = [read_stamp(stamps[name], keys[name]) for name in names]
+        if kind == "distilled" and names == [""] and results[0] is None:  # a search here may have trained it
+            results = [self._from_search(files[""], keys[""], key_of("candidate", ""), fraction, seed)]
         if all(r is not None for r in results):
             for name in names:
                 self.logger.skip(config.train.epochs if name == names[0] else 0, f"{files[name]} (up to date)")
@@ -194,6 +198,29 @@ class StudentStages:
         if resume_from is not None and dist.is_main:  # finished: the weights and stamps replace it
             shutil.rmtree(resume_from, ignore_errors=True)
         return results
+
+    def _from_search(self, file: str, key: str, candidate_key: str, fraction: float, seed: int) -> dict | None:
+        """The distilled student ``file`` as an earlier search (method auto) into this folder trained
+        it: the candidate whose stamp has this student's key but for the stage's kind (the same
+        teacher, data, budget, seed, initial weights and method settings: the same training; auto
+        runs its candidates as distilled students). Its weights and result become this student's
+        stamp; None when no search trained it."""
+        folder = self.out / "students"
+        for stamp in sorted(folder.glob(f"candidate-*-labels{fraction:g}-seed{seed}.json")):
+            found = read_stamp(stamp, candidate_key)
+            weights = stamp.with_suffix(".safetensors")
+            if found is None or not weights.is_file():
+                continue
+            result = {**{k: v for k, v in found.items() if k not in ("setting", "method")},
+                      "kind": "distilled", "trained_as": stamp.stem}
+
+            def write():
+                atomic_write_bytes(folder / f"{file}.safetensors", weights.read_bytes())
+                write_stamp(folder / f"{file}.json", key, result)
+            Distributed().on_main(write)
+            self.logger.note(f"{file}: the search's {stamp.stem} trained it (the same settings), reused")
+            return result
+        return None
 
     def test_metrics(self, logits, labels, *, teacher: bool = True) -> dict:
         """Accuracy, NLL, ECE (and agreement, KL to the teacher) flat, as the report aggregates
