@@ -193,7 +193,7 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
     key, teacher_key = ("accuracy", "teacher_accuracy") if split == "test" else ("val_accuracy", None)
     lines = ["| student (teacher) | labels | method | teacher | scratch | distilled | change | gap recovered "
              "| verdict | seeds | min per student |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    mixed = []
+    mixed, unrecorded = [], {"some": [], "every": []}
     for student, spec in matrix["students"].items():
         for regime in matrix["regimes"]:
             for method, settings in student_methods(matrix, spec, regime).items():
@@ -210,17 +210,29 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
                 minutes = [c["train_s"] / 60 for c in done if c.get("train_s") is not None]
                 if method.startswith("auto"):  # every candidate run is the search's cost
                     minutes = [c["search"]["train_s"] / 60 for c in done if "search" in c]
-                if len({k for c in done for k in str(c.get("cpu_kernels")).split(" + ")}) > 1:
+                sets = [set(c.get("cpu_kernels", "not recorded").split(" + ")) for c in done]
+                if len(set.union(*sets) - {"not recorded"}) > 1:
                     mixed.append(f"{student} {regime} {method}")
+                if any("not recorded" in kernels for kernels in sets):  # unknown: neither mixed nor the same
+                    every = all(kernels == {"not recorded"} for kernels in sets)
+                    unrecorded["every" if every else "some"].append(f"{student} {regime} {method}")
                 lines.append(
                     f"| {label} | {regime} | {method} | {'' if teacher is None else f'{100 * teacher:.1f}'} "
                     f"| {_ms(scratch)} | {_ms(distilled)} "
                     f"| {100 * change:+.1f} | {'n/a' if gap is None else f'{100 * gap:.0f} %'} "
                     f"| {_verdict(outcome(scratch, distilled)[0])} | {len(done)} "
                     f"| {_mean(minutes):.1f}{' (all candidates)' if method.startswith('auto') else ''} |")
+    notes = []
     if mixed:
-        lines.append(f"\nTrained on more than one CPU kernel set (each cell's `cpu_kernels`: its students', over every "
+        notes.append(f"Trained on more than one CPU kernel set (each cell's `cpu_kernels`: its students', over every "
                      f"sitting) in: {'; '.join(mixed)}. Each seed's change is against the scratch twin of its own run.")
+    if unrecorded["some"] or unrecorded["every"]:
+        notes.append("Kernel sets not recorded (trained before softkd recorded them): "
+                     + "; ".join(f"{which} of {', '.join(rows)}" for which, rows in
+                                 (("for some seeds or sittings", unrecorded["some"]),
+                                  ("for every seed", unrecorded["every"])) if rows) + ".")
+    if notes:
+        lines.append("\n" + " ".join(notes))
     return "\n".join(lines)
 
 

@@ -190,6 +190,20 @@ def test_a_cell_rerun_on_other_cpu_kernels_changes_only_its_own_row(tmp_path):
     # one cell whose students trained on two kernel sets (resumed on another CPU) is named too
     quality.save_cell(results, cell("soft-target", 1, 0.90, 0.88, "AVX2 + AVX512"), tmp_path / "m.yaml")
     assert note.format("mlp-16 all auto; mlp-16 all soft-target") in quality.table(tmp_path / "m.yaml", results)
+    # a cell, or a sitting, from before kernel sets were recorded is unknown: said so, not counted as another set
+    unknown = {k: v for k, v in cell("soft-target", 0, 0.90, 0.88, "").items() if k != "cpu_kernels"}
+    for seed, recorded in ((0, unknown), (1, cell("soft-target", 1, 0.90, 0.88, "AVX512 + not recorded"))):
+        quality.save_cell(results, recorded, tmp_path / "m.yaml")
+    text = quality.table(tmp_path / "m.yaml", results)
+    assert note.format("mlp-16 all auto") in text
+    assert text.endswith(" Kernel sets not recorded (trained before softkd recorded them): for some seeds or sittings "
+                         "of mlp-16 all soft-target.")
+    for seed in (0, 1):
+        quality.save_cell(results, {**unknown, "name": f"mlp-16/all/auto/{seed}", "method": "auto", "seed": seed},
+                          tmp_path / "m.yaml")
+    text = quality.table(tmp_path / "m.yaml", results)
+    assert "more than one CPU kernel set" not in text and text.endswith(
+        "for some seeds or sittings of mlp-16 all soft-target; for every seed of mlp-16 all auto.")
 
 
 def test_a_recipe_per_regime_trains_in_its_regime_and_a_changed_recipe_reruns_its_cells(tmp_path):
