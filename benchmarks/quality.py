@@ -242,11 +242,13 @@ def search_table(results: list[Path], seed: int = 0) -> str:
     lines = ["| student | teacher (test %) | labels | search | budget | scratch twin | best distilled setting "
              "| its accuracy | change | settings tried | CPU kernels |", "|---|---|---|---|---|---:|---|---:|---:|---:|---|"]
     found = [c for path in results for c in load_results(path)["cells"] if "search" in c and c["seed"] == seed]
-    for c in sorted(found, key=lambda c: (c["student"], -c["teacher_accuracy"], c["regime"] != "all", c.get("budget") or "")):
+    for c in sorted(found, key=lambda c: (c["student"], -c["teacher_accuracy"], c["regime"] != "all",
+                                          c.get("budget") or "")):
         search = c["search"]
         best = max(search["candidates"], key=lambda x: x["val_accuracy"])
         scratch = search["scratch_val_accuracy"]
-        lines.append(f"| {c['student']} | {c['teacher']} ({100 * c['teacher_accuracy']:.2f}) | {c['regime']} | {c['method']} | {c.get('budget') or 'base'} | {100 * scratch:.2f} "
+        lines.append(f"| {c['student']} | {c['teacher']} ({100 * c['teacher_accuracy']:.2f}) | {c['regime']} "
+                     f"| {c['method']} | {c.get('budget') or 'base'} | {100 * scratch:.2f} "
                      f"| {best['setting']} | {100 * best['val_accuracy']:.2f} "
                      f"| {100 * (best['val_accuracy'] - scratch):+.2f} | {len(search['candidates'])} "
                      f"| {c.get('cpu_kernels', 'not recorded')} |")

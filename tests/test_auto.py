@@ -186,7 +186,11 @@ def test_a_distilled_run_of_a_setting_the_search_tried_reuses_that_candidate(sea
     reused, fresh = tmp_path / "reused", tmp_path / "fresh"
     shutil.copytree(out, reused)
     lines = len((reused / "metrics.jsonl").read_text().splitlines())
+    stopped = reused / "students" / "distilled-labels0.1-seed0.ckpt"  # a stopped run of the same student
+    stopped.mkdir()
+    (stopped / "ckpt-00000010.pt").write_bytes(b"")
     run_experiment(config_from_dict(config), out_dir=reused)
+    assert not stopped.exists()  # done now: its checkpoints go, as a finished run's do
     run_experiment(config_from_dict(config), out_dir=fresh)
     records = [json.loads(line) for line in (reused / "metrics.jsonl").read_text().splitlines()[lines:]]
     assert not [r for r in records if r.get("stage") == "distilled"]  # nothing trained

@@ -147,6 +147,7 @@ class StudentStages:
             cache_key["features"] = features_cached(config)
         files = {name: f"{kind}{'-' + (tag or name) if (tag or name) else ''}-labels{fraction:g}-seed{seed}"
                  for name in names}
+
         def key_of(kind, name):
             return stage_hash(self.teacher_key, data_key(config), kind, fraction, seed, config.student,
                               train_key(config), method.key() if distilled else None,
@@ -217,6 +218,7 @@ class StudentStages:
             def write():
                 atomic_write_bytes(folder / f"{file}.safetensors", weights.read_bytes())
                 write_stamp(folder / f"{file}.json", key, result)
+                shutil.rmtree(folder / f"{file}.ckpt", ignore_errors=True)  # a stopped run of it, now done
             Distributed().on_main(write)
             self.logger.note(f"{file}: the search's {stamp.stem} trained it (the same settings), reused")
             return result
