@@ -5,6 +5,7 @@ regimes × methods × seeds, each distilled student beside its equal-budget scra
     python benchmarks/quality.py run   [--matrix ...] [--results ...] [--out runs/quality] [--only TEXT ...] [--device cuda]
     python benchmarks/quality.py table [--matrix ...] [--results ...] [--split test|val]
     python benchmarks/quality.py search --results RESULTS [--results ...] [--seed 0]
+    python benchmarks/quality.py promote --from PENDING_RESULTS [--matrix ...] [--results ...] [--only TEXT ...]
 
 The matrix (benchmarks/quality.yaml) names the teachers, students, regimes, methods and seeds. A
 cell is one (student, regime, method, seed); `run` runs each missing cell as `softkd run` of a
@@ -27,7 +28,10 @@ own folder (`<student>-<regime>-<budget>`) beside their own scratch twins with t
 a recipe is never compared with a scratch student trained less. A student's recipe (method
 "recipe") is one for every regime, or one per regime where each regime's validation split chose its
 own. A cell whose recorded settings differ from what the matrix now names (a recipe changed) is
-stale: `plan` says so, `table` leaves it out and `run` reruns it.
+stale: `plan` says so, `table` leaves it out and `run` reruns it. A new recipe's test seeds run
+apart (a pending matrix, ``extends: quality.yaml``, with a results file of its own); once its recipe
+is moved into the matrix file and all its seeds are done, `promote` moves its cells into the
+matrix's results in place of the old recipe's.
 `table` renders README's table from the JSON: mean ± std over the seeds done, the change against
 the scratch twins of the same seeds, the share of the teacher–scratch gap recovered, the verdict and
 the training time per student. Selection (auto, recipes) only ever reads the validation split.
@@ -52,8 +56,8 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:  # the sibling module, also when a test loads this file by its path
     sys.path.insert(0, HERE)
 # What the matrix names and which cells are done; this script runs cells and renders tables.
-from quality_matrix import (ROOT, budget_of, load_matrix, load_results, save_cell, stale, states,  # noqa: E402
-                            student_methods)
+from quality_matrix import (ROOT, budget_of, load_matrix, load_results, promote, save_cell, stale,  # noqa: E402
+                            states, student_methods)
 
 MATRIX = ROOT / "benchmarks" / "quality.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
@@ -311,8 +315,17 @@ def main() -> None:
     p.add_argument("--results", type=Path, action="append", required=True)
     p.add_argument("--seed", type=int, default=0)
     _write_option(p, "search")
+    p = sub.add_parser("promote", help="move a pending recipe's finished cells into the matrix's results, in place "
+                                       "of the old recipe's (after its recipe moved into the matrix file)")
+    p.add_argument("--from", dest="pending", type=Path, required=True, metavar="PENDING_RESULTS")
+    p.add_argument("--matrix", type=Path, default=MATRIX)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--only", action="append", default=[], metavar="TEXT")
     args = parser.parse_args()
-    if args.verb == "search":
+    if args.verb == "promote":
+        moved = promote(args.matrix.resolve(), args.results, args.pending, args.only)
+        print(f"moved {len(moved)} cells from {args.pending} into {args.results}: {', '.join(moved)}")
+    elif args.verb == "search":
         _show(search_table(args.results, args.seed), args.write, "search")
     elif args.verb == "run":
         run(args.matrix.resolve(), args.results, args.out.resolve(), args.only, args.device)

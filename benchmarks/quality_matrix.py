@@ -132,12 +132,48 @@ def load_results(results: Path) -> dict:
 
 def save_cell(results: Path, cell: dict, matrix_path: Path) -> None:
     """Add (or replace) a cell under a lock: two `run`s, one per core, may share the file."""
+    _update(results, lambda kept: [c for c in kept if c["name"] != cell["name"]] + [cell], matrix_path)
+
+
+def promote(matrix_path: Path, results: Path, pending: Path, only: list[str]) -> list[str]:
+    """Move a pending recipe's finished cells (those of ``pending`` whose name contains every text
+    in ``only``) into the matrix's ``results``, replacing the old recipe's, once the matrix names
+    that recipe (its method and budget moved into the matrix file): each cell must be one the matrix
+    names with the settings it ran, and every seed of its row must be done, so a row never mixes two
+    recipes. They leave ``pending``, which keeps what still runs. Returns the names moved."""
+    matrix = load_matrix(matrix_path)
+    by_name = {c["name"]: c for c in cells(matrix)}
+    chosen = [c for c in load_results(pending)["cells"] if all(text in c["name"] for text in only)]
+    if not chosen:
+        raise SystemExit(f"No cell of {pending} has every one of {only} in its name: nothing to promote.")
+    for cell in chosen:
+        named = by_name.get(cell["name"])
+        if named is None or stale(cell, named["settings"]):
+            raise SystemExit(f"{matrix_path} does not name {cell['name']} with the settings it ran (budget "
+                             f"{cell.get('budget') or 'base'}, {cell.get('settings', {}).get('name')}): move the "
+                             "recipe and its budget into the matrix file first, then promote its cells.")
+    names = {c["name"] for c in chosen}
+    for cell in chosen:
+        row = cell["name"].rsplit("/", 1)[0]
+        missing = [s for s in matrix["seeds"] if f"{row}/{s}" not in names]
+        if missing:
+            raise SystemExit(f"{row} has no cell of seeds {missing} in {pending} (or --only left them out): "
+                             "promote a row when all its seeds are done, so it never mixes two recipes.")
+    _update(results, lambda kept: [c for c in kept if c["name"] not in names] + chosen, matrix_path)
+    _update(pending, lambda kept: [c for c in kept if c["name"] not in names])
+    return sorted(names)
+
+
+def _update(results: Path, change, matrix_path: Path | None = None) -> None:
+    """Rewrite a results file's cells (``change``: the kept cells to the new ones) under its lock,
+    atomically: a reader sees the old file or the new one, never half of it."""
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kept = load_results(results)
-        kept["cells"] = sorted([c for c in kept["cells"] if c["name"] != cell["name"]] + [cell], key=lambda c: c["name"])
-        kept["matrix"] = str(matrix_path.relative_to(ROOT)) if matrix_path.is_relative_to(ROOT) else str(matrix_path)
+        kept["cells"] = sorted(change(kept["cells"]), key=lambda c: c["name"])
+        if matrix_path is not None:
+            kept["matrix"] = str(matrix_path.relative_to(ROOT)) if matrix_path.is_relative_to(ROOT) else str(matrix_path)
         tmp = results.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept, indent=2) + "\n")
         tmp.replace(results)

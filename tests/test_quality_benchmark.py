@@ -294,6 +294,61 @@ def test_a_pending_matrix_extends_the_published_one_and_names_only_the_recipe_it
         matrix_module.load_matrix(tmp_path / "q.yaml")
 
 
+def test_a_pending_recipe_is_promoted_once_the_matrix_names_it_and_all_its_seeds_are_done(tmp_path):
+    quality = _module()
+    old = {"budget": "long", "method": {"name": "soft-target", "temperature": 1.0, "beta": 0.9}}
+    new = {"budget": "longer", "method": {"name": "soft-target", "temperature": 2.0, "beta": 0.5}}
+    matrix = {"seeds": [0, 1], "regimes": {"all": 1.0, "10%": 0.1},
+              "base": {"data": {"name": "digits"}, "train": {"epochs": 1}},
+              "budgets": {"long": {"train": {"epochs": 3}}, "longer": {"train": {"epochs": 6}}},
+              "teachers": {"small": {"model": "tinycnn-8", "folder": "t", "config": "t.yaml"}},
+              "students": {"mlp-16": {"teacher": "small", "methods": [], "recipe": {"all": old, "10%": old}}},
+              "methods": {"soft-target": {"method": {"name": "soft-target"}}}}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+
+    def done(regime, seed, recipe, accuracy):
+        return {"name": f"mlp-16/{regime}/recipe/{seed}", "student": "mlp-16", "regime": regime, "method": "recipe",
+                "seed": seed, "teacher_accuracy": 0.95, "accuracy": accuracy, "val_accuracy": accuracy,
+                "train_s": 60.0, "settings": {**recipe["method"], "kd_scale": 1.0}, "budget": recipe["budget"],
+                "twin": {"accuracy": 0.85, "val_accuracy": 0.85, "train_s": 60.0}}
+
+    results, pending = tmp_path / "q.json", tmp_path / "p.json"
+    for regime in ("all", "10%"):
+        for seed in (0, 1):
+            quality.save_cell(results, done(regime, seed, old, 0.88), tmp_path / "q.yaml")
+    for name in ("mlp-16/all/recipe/0", "mlp-16/all/recipe/1", "mlp-16/10%/recipe/0"):  # 10%'s seed 1 still runs
+        regime, _, seed = name.split("/")[1:]
+        quality.save_cell(pending, done(regime, int(seed), new, 0.91), tmp_path / "p.yaml")
+    before = results.read_text()
+
+    def promote(*only):
+        return subprocess.run([sys.executable, str(SCRIPT), "promote", "--matrix", str(tmp_path / "q.yaml"),
+                               "--results", str(results), "--from", str(pending), *[f"--only={o}" for o in only]],
+                              capture_output=True, text=True)
+
+    result = promote("/all/")  # the matrix still names the old recipe
+    assert result.returncode != 0
+    assert "does not name mlp-16/all/recipe/0 with the settings it ran (budget longer" in result.stderr
+    matrix["students"]["mlp-16"]["recipe"] = {"all": new, "10%": new}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    result = promote("/10%/")
+    assert result.returncode != 0 and "mlp-16/10%/recipe has no cell of seeds [1]" in result.stderr
+    result = promote("all/recipe/0")  # --only leaving a seed out is refused the same way
+    assert result.returncode != 0 and "mlp-16/all/recipe has no cell of seeds [1]" in result.stderr
+    assert results.read_text() == before and "stale mlp-16/all/recipe/0" in quality.plan(tmp_path / "q.yaml", results)
+
+    result = promote("/all/")
+    assert result.returncode == 0, result.stderr
+    assert "moved 2 cells" in result.stdout
+    assert quality.plan(tmp_path / "q.yaml", results).splitlines() == [
+        "done  mlp-16/all/recipe/0", "stale mlp-16/10%/recipe/0", "done  mlp-16/all/recipe/1", "stale mlp-16/10%/recipe/1",
+        "2 of 4 cells done (2 stale: run with other settings than the matrix now names; `run` reruns them)"]
+    row = next(line for line in quality.table(tmp_path / "q.yaml", results).splitlines() if "| all |" in line)
+    assert "| 85.0 ± 0.0 | 91.0 ± 0.0 | +6.0 |" in row
+    assert [c["name"] for c in json.loads(pending.read_text())["cells"]] == ["mlp-16/10%/recipe/0"]  # what still runs
+    assert promote("/all/").returncode != 0  # nothing left to move
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in SCRIPT.parent.glob("quality*.yaml")))
 def test_each_recipe_config_trains_what_the_matrix_measured(name):
     """The published matrix, and a pending one while a new recipe's test seeds run."""
