@@ -153,8 +153,7 @@ def promote(matrix_path: Path, results: Path, pending: Path, only: list[str]) ->
                              f"{cell.get('budget') or 'base'}, {cell.get('settings', {}).get('name')}): move the "
                              "recipe and its budget into the matrix file first, then promote its cells.")
     names = {c["name"] for c in chosen}
-    for cell in chosen:
-        row = cell["name"].rsplit("/", 1)[0]
+    for row in sorted({name.rsplit("/", 1)[0] for name in names}):  # student/regime/method
         missing = [s for s in matrix["seeds"] if f"{row}/{s}" not in names]
         if missing:
             raise SystemExit(f"{row} has no cell of seeds {missing} in {pending} (or --only left them out): "
