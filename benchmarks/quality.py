@@ -168,8 +168,9 @@ def cell_results(cell: dict, folder: Path, wall_s: float) -> dict:
 
 
 def cell_kernels(report: dict, *stamps: dict) -> dict:
-    """``cpu_kernels``: the CPU kernel sets the cell's students trained on, over every sitting
-    ('AVX2', 'AVX2 + AVX512'); from a run before the stamps kept them, the run's own."""
+    """``cpu_kernels``: the kernel sets the cell's students trained on, over every sitting ('AVX2',
+    'AVX2 + AVX512'; on a GPU its name, 'CUDA NVIDIA H200'); from a run before the stamps kept them,
+    the run's own."""
     trained = {k for stamp in stamps for k in stamp.get("cpu_kernels", ())}
     if trained:
         return {"cpu_kernels": " + ".join(sorted(trained))}
@@ -228,7 +229,7 @@ def table(matrix_path: Path, results: Path, split: str = "test") -> str:
                     f"| {_mean(minutes):.1f}{' (all candidates)' if method.startswith('auto') else ''} |")
     notes = []
     if mixed:
-        notes.append(f"Trained on more than one CPU kernel set (each cell's `cpu_kernels`: its students', over every "
+        notes.append(f"Trained on more than one kernel set (each cell's `cpu_kernels`: its students', over every "
                      f"sitting) in: {'; '.join(mixed)}. Each seed's change is against the scratch twin of its own run.")
     if unrecorded["some"] or unrecorded["every"]:
         notes.append("Kernel sets not recorded (trained before softkd recorded them): "

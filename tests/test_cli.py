@@ -46,7 +46,8 @@ def test_demo_writes_a_complete_run_directory(tmp_path):
     expected_device = "cuda:0" if torch.cuda.is_available() else "cpu ("
     assert report["hardware"]["device"].startswith(expected_device)
     assert report["hardware"]["processes"] == 1 and report["hardware"]["precision"] == "fp32"
-    kernels = torch.backends.cpu.get_cpu_capability()
+    kernels = (torch.backends.cpu.get_cpu_capability() if expected_device == "cpu ("
+               else f"CUDA {torch.cuda.get_device_name(0)}")  # a GPU run's figures: not the host CPU's set
     assert report["hardware"]["cpu_kernels"] == kernels  # CPU figures differ between kernel sets
     on = report["hardware"]["device"] + (f" ({kernels} kernels)" if expected_device == "cpu (" else "")
     assert f"Ran on {on}, fp32, 1 process " in (out / "report.md").read_text()

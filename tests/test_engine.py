@@ -211,6 +211,16 @@ def test_a_run_resumed_on_other_cpu_kernels_records_every_kernel_set_it_trained_
     assert old.cpu_kernels == sorted([here, "not recorded"])
 
 
+def test_a_gpu_run_records_the_gpu_not_the_host_cpu_kernel_set(monkeypatch):
+    # A GPU student's figures do not depend on the host CPU's kernels: stamps and reports name the GPU.
+    from softkd.train.runtime import kernel_set
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert kernel_set(torch.device("cuda", 0)) == "CUDA NVIDIA H200"
+    assert kernel_set(torch.device("cpu")) == torch.backends.cpu.get_cpu_capability()
+    assert kernel_set(torch.device("mps")) == "MPS"
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_trains_without_nan_and_matches_fp32(digit_splits, trained_teacher, precision):
     results = {}

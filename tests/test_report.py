@@ -157,7 +157,7 @@ def test_the_report_says_when_its_students_trained_on_other_cpu_kernels(run_dir,
     report = run_experiment(RunConfig.model_validate(TINY), out_dir=copy)
     trained = sorted(["ELSEWHERE", here, "not recorded"])
     assert report["hardware"]["students_cpu_kernels"] == trained
-    note = f"Its students trained on CPU kernels {', '.join(trained)} (over resumed sittings, or reused"
+    note = f"Its students trained on kernel sets {', '.join(trained)} (over resumed sittings, or reused"
     assert note in (copy / "report.md").read_text() and note in (copy / "report.html").read_text()
 
 

@@ -15,7 +15,7 @@ import torch
 from softkd.evaluate.speed import headline
 from softkd.report.search import search_lines, search_summary
 from softkd.train.distributed import Distributed
-from softkd.train.runtime import cpu_kernels, describe_device, select_device
+from softkd.train.runtime import describe_device, kernel_set, select_device
 from softkd.utils import atomic_write_text
 
 
@@ -126,6 +126,7 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
     import softkd
 
     metrics = ("accuracy", "ece", "nll", *(("agreement",) if teacher_eval else ()))
+    device = select_device(config.train.device)
     students, headlines = {}, {}
     for name, model in method.student_specs(config.student.model).items():
         regimes = {}
@@ -174,11 +175,12 @@ def build_report(config, method, teacher_evals: list[dict], teacher_eval: dict |
         "method": {**method.key(), "formula": method.describe()},
         "seeds": config.train.seeds,
         "config": config.model_dump(mode="json"),
-        "hardware": {"device": describe_device(select_device(config.train.device)),
+        "hardware": {"device": describe_device(device),
                      "precision": config.train.precision, "processes": Distributed().world,
                      # CPU results differ in the last bits between kernel sets (README: Reproducibility);
-                     # the students' may differ from this invocation's: resumed, or reused from a run elsewhere
-                     "cpu_kernels": cpu_kernels(),
+                     # the students' may differ from this invocation's: resumed, or reused from a run elsewhere.
+                     # On a GPU: its name (a GPU run's figures do not depend on the host CPU's set)
+                     "cpu_kernels": kernel_set(device),
                      "students_cpu_kernels": sorted({k for r in runs for k in r.get("cpu_kernels", ["not recorded"])})},
         "versions": {"softkd": softkd.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -306,13 +308,13 @@ def _hardware_line(report: dict) -> str:
 
 
 def kernels_note(hw: dict) -> str:
-    """' Its students trained on CPU kernels AVX2, AVX512 ...' when they differ from this invocation's
+    """' Its students trained on kernel sets AVX2, AVX512 ...' when they differ from this invocation's
     (a resumed run, or students reused from an earlier run elsewhere); else ''."""
     trained = hw.get("students_cpu_kernels") or []
     if not trained or trained == [hw.get("cpu_kernels")]:
         return ""
-    return (f" Its students trained on CPU kernels {', '.join(trained)} (over resumed sittings, or reused "
-            "from an earlier run): CPU figures differ in their last bits between kernel sets.")
+    return (f" Its students trained on kernel sets {', '.join(trained)} (over resumed sittings, or reused "
+            "from an earlier run): figures differ in their last bits between kernel sets.")
 
 
 def device_words(hw: dict) -> str:

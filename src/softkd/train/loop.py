@@ -29,7 +29,7 @@ from softkd.train.checkpoint import (RunState, load_latest, load_trained_state, 
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.distributed import Distributed
-from softkd.train.runtime import autocast, cpu_kernels, grad_scaler
+from softkd.train.runtime import autocast, cpu_kernels, grad_scaler, kernel_set
 from softkd.train.loss_guard import StepTerms
 
 
@@ -50,8 +50,9 @@ class FitResult:
     graphed_steps: int = 0  # steps replayed from a CUDA graph (see fit's cuda_graphs)
     resumed_s: float = 0.0  # seconds the run had trained before this call resumed it (0 when it did not)
     cpu_kernels: list[str] = field(default_factory=lambda: [cpu_kernels()])
-    """The CPU kernel sets it trained on, over every resume ('not recorded' for the sittings of a
-    checkpoint written before checkpoints kept them)."""
+    """The kernel sets it trained on, over every resume: a CPU's ('AVX2') or a GPU's name ('CUDA
+    NVIDIA H200'), see :func:`~softkd.train.runtime.kernel_set` ('not recorded' for the sittings of
+    a checkpoint written before checkpoints kept them)."""
     students: dict[str, nn.Module] = field(default_factory=dict)
     """Every trained student by name: ``{"": model}``, or each peer of a mutual-learning cohort."""
 
@@ -158,7 +159,7 @@ def fit(
     scaler = grad_scaler(precision, device)
     autocast(precision, device)  # an unknown precision fails here, before any step
     generator = getattr(micro_batches, "generator", None)
-    result = FitResult(model=model)
+    result = FitResult(model=model, cpu_kernels=[kernel_set(device)])
     # Every process must stack the same terms; one process may take them from its first batch.
     keys = getattr(objective, "terms", ("loss",) if dist.world > 1 else None)
     terms_log = StepTerms(keys, device, folder=Path(checkpoint_dir) if checkpoint_dir is not None else None,

@@ -49,6 +49,16 @@ def cpu_kernels() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def kernel_set(device: torch.device) -> str:
+    """The kernels that train on ``device``: the CPU's set (:func:`cpu_kernels`), or the GPU's name
+    ('CUDA NVIDIA H200'), not the host CPU's set, which a GPU run's figures do not depend on."""
+    if device.type == "cpu":
+        return cpu_kernels()
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    return device.type.upper()
+
+
 def resident(device: torch.device, *items):
     """``items`` (ArrayDatasets or tensors; None passes through) moved once to ``device`` when it is
     a CUDA GPU and they fill at most a quarter of its free memory: batches are then gathered on
