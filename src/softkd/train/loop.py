@@ -29,7 +29,7 @@ from softkd.train.checkpoint import (RunState, load_latest, load_trained_state, 
 from softkd.train.graphs import graphed_step
 from softkd.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from softkd.train.distributed import Distributed
-from softkd.train.runtime import autocast, cpu_kernels, grad_scaler, kernel_set
+from softkd.train.runtime import autocast, grad_scaler, kernel_set
 from softkd.train.loss_guard import StepTerms
 
 
@@ -49,7 +49,7 @@ class FitResult:
     stopped_by: str = "epochs"  # "epochs", "max_steps" or "patience"
     graphed_steps: int = 0  # steps replayed from a CUDA graph (see fit's cuda_graphs)
     resumed_s: float = 0.0  # seconds the run had trained before this call resumed it (0 when it did not)
-    cpu_kernels: list[str] = field(default_factory=lambda: [cpu_kernels()])
+    cpu_kernels: list[str] = field(default_factory=list)
     """The kernel sets it trained on, over every resume: a CPU's ('AVX2') or a GPU's name ('CUDA
     NVIDIA H200'), see :func:`~softkd.train.runtime.kernel_set` ('not recorded' for the sittings of
     a checkpoint written before checkpoints kept them)."""
